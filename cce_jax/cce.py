@@ -1,15 +1,188 @@
-"""impl="cce" and presets: placeholder until the Pallas kernels land."""
+"""impl="cce" and its presets: the Pallas (Triton) kernels behind ``jax.custom_vjp``.
+
+Forward: :func:`pallas_kernels.lse_forward.lse_forward` gives per-token ``(lse, target_logit, sum_logits)``;
+only ``lse`` is saved. Backward: a loop over vocabulary chunks; each chunk's logit gradient is formed by
+:func:`pallas_kernels.backward.logit_grad` (with per-tile filter flags) and consumed by the block-sparse
+products :func:`~pallas_kernels.backward.accumulate_de` and :func:`~pallas_kernels.backward.write_dc`.
+A side that may not skip tiles (no filtering for it) multiplies the same buffer with XLA's dense matmul.
+Temporary memory is the (N, chunk_v) gradient buffer (sized by ``KernelConfig.grad_buffer_bytes``) plus,
+with ``accum_e_fp32``, a float32 copy of dE. On a CPU the same kernels run in Pallas interpret mode.
+"""
+
+from __future__ import annotations
+
 import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from cce_jax import options as options_lib
+from cce_jax.options import BackwardOptions
+from cce_jax.stats import LogitSpec, TokenStats
+from pallas_kernels import tiles
+from pallas_kernels.backward import BackwardConfig, accumulate_de, logit_grad, write_dc
+from pallas_kernels.lse_forward import ForwardConfig, lse_forward
+from pallas_kernels.tiles import Problem
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    block_n: int = 128
+    """Block configuration of the kernels; pass as ``impl=KernelConfig(...)`` to pin it (preset "cce").
+
+    Attributes:
+      forward: tiles, warps and stages of the forward kernel.
+      backward: tiles, warps and stages of the backward kernels; its ``chunk_v`` is an upper bound.
+      grad_buffer_bytes: budget for the (N, chunk_v) gradient buffer; ``chunk_v`` shrinks to fit it.
+    """
+
+    forward: ForwardConfig = ForwardConfig()
+    backward: BackwardConfig = BackwardConfig()
+    grad_buffer_bytes: int = 128 * 2**20
+
+    def __post_init__(self):
+        for name, block in (
+            ("forward.block_n", self.forward.block_n), ("forward.block_v", self.forward.block_v),
+            ("forward.block_d", self.forward.block_d), ("backward.block_n", self.backward.block_n),
+            ("backward.block_v", self.backward.block_v), ("backward.block_d", self.backward.block_d),
+            ("backward.block_dout", self.backward.block_dout),
+        ):
+            if block < 16 or block & (block - 1):
+                raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {block}")
+        if self.backward.chunk_v % self.backward.block_v:
+            raise ValueError(
+                f"KernelConfig.backward.chunk_v ({self.backward.chunk_v}) must be a multiple of "
+                f"backward.block_v ({self.backward.block_v})"
+            )
 
 
-def kernels_preferred(dtype, interpret) -> bool:
-    return False
+# Tuned on the GPUs named (see benchmarks/); keys are (device_kind, shape class).
+TUNED: dict[tuple[str, str], KernelConfig] = {}
+DEFAULT = KernelConfig()
 
 
-def token_stats(*args, **kwargs):
-    raise NotImplementedError("the cce kernels are not implemented yet")
+def shape_class(d: int, dtype) -> str:
+    half = jnp.dtype(dtype).itemsize == 2
+    return f"{'half' if half else 'f32'}-d{'small' if d <= 1024 else 'large'}"
+
+
+def default_config(d: int, dtype) -> KernelConfig:
+    kind = jax.devices()[0].device_kind
+    return TUNED.get((kind, shape_class(d, dtype)), DEFAULT)
+
+
+def kernels_preferred(dtype, interpret: bool | None) -> bool:
+    """``impl="auto"`` runs the kernels on GPUs (compiled) for the dtypes they support."""
+    return (
+        not interpret
+        and jax.default_backend() == "gpu"
+        and jnp.dtype(dtype) in options_lib.SUPPORTED_DTYPES
+    )
+
+
+def _chunk(cfg: KernelConfig, p: Problem, itemsize: int) -> BackwardConfig:
+    bwd = cfg.backward
+    by_budget = cfg.grad_buffer_bytes // max(1, p.n * itemsize)
+    chunk = min(bwd.chunk_v, by_budget, tiles.cdiv(p.v, bwd.block_v) * bwd.block_v)
+    chunk = max(bwd.block_v, chunk // bwd.block_v * bwd.block_v)
+    return dataclasses.replace(bwd, chunk_v=chunk)
+
+
+def _problem(e, c, bias, spec: LogitSpec) -> Problem:
+    return Problem(
+        n=e.shape[0], d=e.shape[1], v=spec.vocab_size(c), layout=spec.layout, softcap=spec.softcap,
+        has_bias=bias is not None,
+    )
+
+
+def _forward(e, c, bias, targets, spec, config, interpret):
+    p = _problem(e, c, bias, spec)
+    return TokenStats(*lse_forward(e, c, bias, targets, p=p, cfg=config.forward, need_sum=spec.need_sum,
+                                   interpret=interpret))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _token_stats(e, c, bias, targets, spec, bwd, config, interpret):
+    return _forward(e, c, bias, targets, spec, config, interpret)
+
+
+def _token_stats_fwd(e, c, bias, targets, spec, bwd, config, interpret):
+    stats = _forward(e, c, bias, targets, spec, config, interpret)
+    return stats, (e, c, bias, targets, stats.lse)
+
+
+def _xla_dot(a, b, contract_a: int, contract_b: int, out_dtype):
+    precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())), precision=precision,
+                           preferred_element_type=out_dtype)
+
+
+def _token_stats_bwd(spec: LogitSpec, bwd: BackwardOptions, config: KernelConfig, interpret: bool, res,
+                     cotangents):
+    """Walks the vocabulary in chunks. A side (dE or dC) that may skip filtered tiles uses the block-sparse
+    Pallas product; a side that may not uses XLA's dense matmul on the same gradient buffer, which is faster
+    when nothing is skipped."""
+    e, c, bias, targets, lse = res
+    g_lse, g_target, g_sum = cotangents
+    p = _problem(e, c, bias, spec)
+    cfg = _chunk(config, p, jnp.dtype(e.dtype).itemsize)
+    vaxis = 0 if p.layout == "vd" else 1
+    de_dtype = jnp.float32 if bwd.accum_e_fp32 else e.dtype
+    db_shape = (p.v,) if bias is not None else (1,)
+    filters = bwd.filter_eps if (bwd.filters_e or bwd.filters_c) else None
+
+    def chunk_step(start, width, carry):
+        """Processes vocabulary columns [start, start + width); ``width`` is static."""
+        de, dc, db = carry
+        v_start = jnp.asarray(start, jnp.int32).reshape(1)
+        g, live = logit_grad(e, c, bias, targets, lse, g_lse, g_target, g_sum, v_start, p=p, cfg=cfg,
+                             need_sum=spec.need_sum, filter_eps=filters, interpret=interpret)
+        if bwd.filters_e:
+            de = accumulate_de(g, live, c, v_start, de, p=p, cfg=cfg, skip=True, interpret=interpret)
+        else:
+            g_w = g[:, :width]
+            c_w = lax.dynamic_slice_in_dim(c, start, width, axis=vaxis)
+            de = (de.astype(jnp.float32) + _xla_dot(g_w, c_w, 1, vaxis, jnp.float32)).astype(de.dtype)
+        if bwd.filters_c:
+            dc, db = write_dc(g, live, e, v_start, dc, db, p=p, cfg=cfg, skip=True, interpret=interpret)
+        else:
+            g_w = g[:, :width]
+            block = _xla_dot(g_w, e, 0, 0, dc.dtype) if p.layout == "vd" else _xla_dot(e, g_w, 0, 0, dc.dtype)
+            dc = lax.dynamic_update_slice_in_dim(dc, block, start, axis=vaxis)
+            if bias is not None:
+                db = lax.dynamic_update_slice_in_dim(db, g_w.astype(jnp.float32).sum(axis=0), start, axis=0)
+        return de, dc, db
+
+    carry = (jnp.zeros(e.shape, de_dtype), jnp.zeros(c.shape, c.dtype), jnp.zeros(db_shape, jnp.float32))
+    full_chunks, tail = divmod(p.v, cfg.chunk_v)
+    if full_chunks:
+        carry = lax.fori_loop(
+            0, full_chunks, lambda k, carry: chunk_step(k * cfg.chunk_v, cfg.chunk_v, carry), carry
+        )
+    if tail:
+        carry = chunk_step(full_chunks * cfg.chunk_v, tail, carry)
+    de, dc, db = carry
+    dbias = None if bias is None else db.astype(bias.dtype)
+    return de.astype(e.dtype), dc, dbias, None
+
+
+_token_stats.defvjp(_token_stats_fwd, _token_stats_bwd)
+
+
+def token_stats(
+    e: jax.Array,
+    c: jax.Array,
+    bias: jax.Array | None,
+    targets: jax.Array,
+    *,
+    spec: LogitSpec,
+    backward: BackwardOptions,
+    config: KernelConfig | None = None,
+    interpret: bool | None = None,
+) -> TokenStats:
+    if interpret is None:
+        interpret = jax.default_backend() != "gpu"
+    if config is None:
+        config = default_config(e.shape[1], e.dtype)
+    return _token_stats(e, c, bias, targets, spec, backward, config, bool(interpret))

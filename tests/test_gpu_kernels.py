@@ -1,0 +1,83 @@
+"""The compiled kernels on a real GPU against the dense float32 computation; skipped without a GPU.
+
+The CPU interpreter hides races, out-of-bounds reads and TF32 error, so every kernel change is run through
+this file on the GPU (see benchmarks/README.md for the command).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cce_jax
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU")
+
+OPTIONS = [
+    {},
+    {"softcap": 30.0, "bias": True},
+    {"label_smoothing": 0.1, "reduction": "sum"},
+    {"classifier_layout": "dv", "shift": 1},
+    {"reduction": "none", "return_lse": True, "weights": True},
+]
+
+
+def _inputs(rng, n, d, v, dtype, layout="vd", bias=False, weights=False):
+    e = rng.normal(size=(2, n // 2, d)).astype(np.float32)
+    c = (rng.normal(size=(v, d)) / np.sqrt(d)).astype(np.float32)
+    t = rng.integers(0, v, size=(2, n // 2)).astype(np.int32)
+    t[0, :3] = -100
+    args = dict(
+        e=jnp.asarray(e, dtype),
+        c=jnp.asarray(c.T if layout == "dv" else c, dtype),
+        bias=jnp.asarray(rng.normal(size=(v,)) * 0.5, dtype) if bias else None,
+        targets=jnp.asarray(t),
+        weights=jnp.asarray(rng.uniform(0.5, 2.0, size=t.shape), jnp.float32) if weights else None,
+    )
+    return args  # ordered like the objective's parameters
+
+
+def _objective(impl, opts):
+    opts = {k: v for k, v in opts.items() if k not in ("bias", "weights")}
+
+    def f(e, c, bias, targets, weights):
+        out = cce_jax.linear_cross_entropy(e, c, targets, bias, weights=weights, impl=impl, **opts)
+        if opts.get("return_lse"):
+            loss, lse = out
+            return loss.sum() + 1e-2 * cce_jax.compute_z_loss(lse)
+        return out.sum()
+
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("impl", ["cce", "cce_exact"])
+def test_kernels_match_dense_on_gpu(impl, dtype, tol, opts):
+    rng = np.random.default_rng(len(str(opts)))
+    n, d, v = 1030, 1000, 50257  # ragged in every dimension
+    args = _inputs(rng, n, d, v, dtype, opts.get("classifier_layout", "vd"), opts.get("bias", False),
+                   opts.get("weights", False))
+    ref_args = {k: (x.astype(jnp.float32) if x is not None and x.dtype == dtype else x) for k, x in args.items()}
+    (loss, grads) = _objective(impl, opts)(*args.values())
+    (ref_loss, ref_grads) = _objective("dense", opts)(*ref_args.values())
+    assert np.isfinite(float(loss))
+    assert abs(float(loss) - float(ref_loss)) <= tol * abs(float(ref_loss)) + 1e-6
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            assert _rel(g, r) < 4 * tol
+
+
+def test_kernels_are_deterministic_on_gpu():
+    rng = np.random.default_rng(0)
+    args = _inputs(rng, 4096, 2304, 65537, jnp.bfloat16, bias=True)
+    fn = _objective("cce", {"softcap": 30.0})
+    first = jax.tree.map(np.asarray, fn(*args.values()))
+    for _ in range(2):
+        again = jax.tree.map(np.asarray, fn(*args.values()))
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), first, again)
