@@ -110,6 +110,60 @@ def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print) -> dict:
     return results
 
 
+def per_kernel(n: int, d: int, v: int, dtype, config: KernelConfig | None = None, iters: int = 5, log=print):
+    """Times each kernel of one fw-bw at this shape (flat data, mean loss) and the XLA baseline beside it."""
+    import optax  # noqa: PLC0415
+
+    from cce_jax import cce as cce_lib  # noqa: PLC0415
+    from cce_jax.stats import LogitSpec  # noqa: PLC0415
+    from pallas_kernels.backward import accumulate_de, live_lists, logit_grad, write_dc  # noqa: PLC0415
+    from pallas_kernels.lse_forward import lse_forward  # noqa: PLC0415
+    from pallas_kernels.tiles import Problem, cdiv  # noqa: PLC0415
+
+    e, c, t = _data(n, d, v, dtype)
+    config = config or cce_lib.default_config(d, dtype)
+    p = Problem(n=n, d=d, v=v)
+    cfg = cce_lib._chunk(config, p, jnp.dtype(dtype).itemsize)
+    chunks = cdiv(v, cfg.chunk_v)
+    eps = float(jnp.finfo(dtype).eps) / 32
+    rows = {}
+    ip = jax.default_backend() != "gpu"
+    fw = jax.jit(lambda e, c: lse_forward(e, c, None, t, p=p, cfg=config.forward, need_sum=False, interpret=ip))
+    rows["lse_forward"] = _median_ms(fw, e, c, iters=iters)
+    lse = fw(e, c)[0]
+    g = jnp.full((n,), 1.0 / n, jnp.float32)
+    vs = jnp.zeros((1,), jnp.int32)
+    grad = jax.jit(lambda e, c, vs: logit_grad(e, c, None, t, lse, g, -g, g * 0, vs, p=p, cfg=cfg, need_sum=False,
+                                              filter_eps=eps, store_all=False, interpret=ip))
+    rows[f"logit_grad x{chunks}"] = _median_ms(grad, e, c, vs, iters=iters) * chunks
+    gbuf, live = grad(e, c, vs)
+    rows["live tile fraction (chunk 0)"] = float(live.mean())
+    cols, ncols, rws, nrows = jax.jit(live_lists)(live)
+    de0 = jnp.zeros((n, d), dtype)
+    de_fn = jax.jit(lambda gb, c, vs, de: accumulate_de(gb, cols, ncols, c, vs, de, p=p, cfg=cfg, interpret=ip))
+    rows[f"accumulate_de (filtered) x{chunks}"] = _median_ms(de_fn, gbuf, c, vs, de0, iters=iters) * chunks
+    dc_fn = jax.jit(lambda gb, e, vs, dc, db: write_dc(gb, rws, nrows, e, vs, dc, db, p=p, cfg=cfg, interpret=ip))
+    dc0, db0 = jnp.zeros(c.shape, dtype), jnp.zeros((1,), jnp.float32)
+    rows[f"write_dc (filtered) x{chunks}"] = _median_ms(dc_fn, gbuf, e, vs, dc0, db0, iters=iters) * chunks
+    width = min(cfg.chunk_v, v)
+    dense_de = jax.jit(lambda gb, c: jnp.dot(gb[:, :width], c[:width], preferred_element_type=jnp.float32))
+    rows[f"xla G@c chunk x{chunks}"] = _median_ms(dense_de, gbuf, c, iters=iters) * chunks
+
+    def baseline(e, c):
+        logits = jnp.dot(e, c.T, preferred_element_type=jnp.float32)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, t).mean()
+
+    rows["xla baseline fw"] = _median_ms(jax.jit(baseline), e, c, iters=iters)
+    rows["xla baseline fw-bw"] = _median_ms(jax.jit(jax.value_and_grad(baseline, argnums=(0, 1))), e, c, iters=iters)
+    for preset in ("cce", "cce_exact"):
+        fn = jax.jit(jax.value_and_grad(lambda e, c, preset=preset: cce_jax.linear_cross_entropy(
+            e, c, t, impl=preset), argnums=(0, 1)))
+        rows[f"{preset} fw-bw"] = _median_ms(fn, e, c, iters=iters)
+    for name, ms in rows.items():
+        log(f"{name:40s} {ms:10.3f}")
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=8192)
@@ -118,8 +172,15 @@ def main(argv=None) -> None:
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--json")
+    parser.add_argument("--per-kernel", action="store_true", help="time each kernel of the default config")
     args = parser.parse_args(argv)
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[args.dtype]
+    if args.per_kernel:
+        rows = per_kernel(args.n, args.d, args.v, dtype, iters=args.iters)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     results = tune(args.n, args.d, args.v, dtype, args.iters, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps(results["best"], indent=1))
     if args.json:

@@ -22,7 +22,7 @@ from cce_jax import options as options_lib
 from cce_jax.options import BackwardOptions
 from cce_jax.stats import LogitSpec, TokenStats
 from pallas_kernels import tiles
-from pallas_kernels.backward import BackwardConfig, accumulate_de, logit_grad, write_dc
+from pallas_kernels.backward import BackwardConfig, accumulate_de, live_lists, logit_grad, write_dc
 from pallas_kernels.lse_forward import ForwardConfig, lse_forward
 from pallas_kernels.tiles import Problem
 
@@ -57,19 +57,46 @@ class KernelConfig:
             )
 
 
-# Tuned on the GPUs named (see benchmarks/); keys are (device_kind, shape class).
-TUNED: dict[tuple[str, str], KernelConfig] = {}
-DEFAULT = KernelConfig()
+# Measured with ``python -m cce_jax.autotune`` on an H200 (2026-11-29, jax 0.11.2; benchmarks/autotune-h200.md).
+# Keys are (substring of the device kind, shape class); H100s share the H200's SM and shared memory.
+_HOPPER_MID_D = KernelConfig(
+    forward=ForwardConfig(block_n=64, block_v=256, block_d=64, num_warps=4, num_stages=4),
+    backward=BackwardConfig(block_n=128, block_v=128, block_d=64, block_dout=128, grad_warps=8, grad_stages=4,
+                            product_warps=8, product_stages=3),
+)
+_HOPPER_LARGE_D = KernelConfig(
+    forward=ForwardConfig(block_n=64, block_v=256, block_d=64, num_warps=4, num_stages=4),
+    backward=BackwardConfig(block_n=64, block_v=128, block_d=64, block_dout=128, grad_warps=4, grad_stages=4,
+                            product_warps=4, product_stages=3),
+)
+TUNED: dict[tuple[str, str], KernelConfig] = {
+    (gpu, cls): cfg
+    for gpu in ("H200", "H100")
+    for cls, cfg in (("half-d<=1024", _HOPPER_MID_D), ("half-d<=3072", _HOPPER_MID_D),
+                     ("half-d>3072", _HOPPER_LARGE_D))
+}
+# Unknown GPUs: tiles whose pipelined operands fit in ~72 KB of shared memory.
+DEFAULT = KernelConfig(
+    forward=ForwardConfig(block_n=64, block_v=128, block_d=64, num_warps=4, num_stages=3),
+    backward=BackwardConfig(block_n=64, block_v=128, block_d=64, block_dout=64),
+)
 
 
 def shape_class(d: int, dtype) -> str:
-    half = jnp.dtype(dtype).itemsize == 2
-    return f"{'half' if half else 'f32'}-d{'small' if d <= 1024 else 'large'}"
+    """The table's shape classes: operand width (half or f32) and hidden size."""
+    width = "half" if jnp.dtype(dtype).itemsize == 2 else "f32"
+    size = "d<=1024" if d <= 1024 else "d<=3072" if d <= 3072 else "d>3072"
+    return f"{width}-{size}"
 
 
 def default_config(d: int, dtype) -> KernelConfig:
+    """The tuned entry for this GPU and shape class, else :data:`DEFAULT`."""
     kind = jax.devices()[0].device_kind
-    return TUNED.get((kind, shape_class(d, dtype)), DEFAULT)
+    cls = shape_class(d, dtype)
+    for (gpu, table_cls), cfg in TUNED.items():
+        if gpu in kind and table_cls == cls:
+            return cfg
+    return DEFAULT
 
 
 def kernels_preferred(dtype, interpret: bool | None) -> bool:
@@ -137,15 +164,18 @@ def _token_stats_bwd(spec: LogitSpec, bwd: BackwardOptions, config: KernelConfig
         de, dc, db = carry
         v_start = jnp.asarray(start, jnp.int32).reshape(1)
         g, live = logit_grad(e, c, bias, targets, lse, g_lse, g_target, g_sum, v_start, p=p, cfg=cfg,
-                             need_sum=spec.need_sum, filter_eps=filters, interpret=interpret)
+                             need_sum=spec.need_sum, filter_eps=filters,
+                             store_all=not (bwd.filters_e and bwd.filters_c), interpret=interpret)
+        if filters is not None:
+            cols_of_row, count_of_row, rows_of_col, count_of_col = live_lists(live)
         if bwd.filters_e:
-            de = accumulate_de(g, live, c, v_start, de, p=p, cfg=cfg, skip=True, interpret=interpret)
+            de = accumulate_de(g, cols_of_row, count_of_row, c, v_start, de, p=p, cfg=cfg, interpret=interpret)
         else:
             g_w = g[:, :width]
             c_w = lax.dynamic_slice_in_dim(c, start, width, axis=vaxis)
             de = (de.astype(jnp.float32) + _xla_dot(g_w, c_w, 1, vaxis, jnp.float32)).astype(de.dtype)
         if bwd.filters_c:
-            dc, db = write_dc(g, live, e, v_start, dc, db, p=p, cfg=cfg, skip=True, interpret=interpret)
+            dc, db = write_dc(g, rows_of_col, count_of_col, e, v_start, dc, db, p=p, cfg=cfg, interpret=interpret)
         else:
             g_w = g[:, :width]
             block = _xla_dot(g_w, e, 0, 0, dc.dtype) if p.layout == "vd" else _xla_dot(e, g_w, 0, 0, dc.dtype)

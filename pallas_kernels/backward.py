@@ -10,8 +10,10 @@ The backward walks the vocabulary in chunks of ``chunk_v`` columns (a loop in th
 3. :func:`write_dc` writes ``G^T @ e`` for the chunk's rows of dC (and their dbias). Grid
    ``(chunk_v / block_v, cdiv(D, block_dout))``; program (j, k) owns classifier rows j, hidden columns k.
 
-Both products skip tiles whose flag is 0 when filtering is on for them. Every output element has exactly one
-owner and tiles are summed in a fixed order, so gradients are bit-identical from run to run.
+The products visit only live tiles: :func:`live_lists` turns the flags into, per tile row (dE) and per tile
+column (dC), the ascending list of live tiles and its length, so a program's loop runs over live tiles only
+and never waits on a flag. Every output element has exactly one owner and tiles are summed in a fixed order,
+so gradients are bit-identical from run to run.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def _params(warps, stages):
 
 
 def _logit_grad_kernel(vs_ref, e_ref, c_ref, b_ref, t_ref, lse_ref, gl_ref, gt_ref, gs_ref, g_ref, live_ref,
-                       *, p: Problem, cfg: BackwardConfig, need_sum: bool, filter_eps: float | None):
+                       *, p: Problem, cfg: BackwardConfig, need_sum: bool, filter_eps: float | None,
+                       store_all: bool):
     bn, bv = cfg.block_n, cfg.block_v
     i, j = pl.program_id(0), pl.program_id(1)
     n0, v0 = i * bn, vs_ref[0] + j * bv
@@ -80,28 +83,38 @@ def _logit_grad_kernel(vs_ref, e_ref, c_ref, b_ref, t_ref, lse_ref, gl_ref, gt_r
         g = g + row(gs_ref)
     if p.softcap is not None:
         g = g * tiles.softcap_grad(z, p.softcap)
-    g = jnp.where(vmask[None, :], g, 0.0)
-    tiles.store_2d(g_ref, n0, bn, nmask, j * bv, bv, None, g.astype(g_ref.dtype))
+    g = jnp.where(vmask[None, :], g, 0.0).astype(g_ref.dtype)
 
     # Phase 3: the filtering flag, from the unscaled |softmax - onehot| of the tile.
     if filter_eps is None:
-        live = jnp.ones((1, 1), jnp.int32)
+        live = jnp.int32(1)
     else:
         mask = vmask[None, :] if nmask is None else nmask[:, None] & vmask[None, :]
         deviation = jnp.where(mask, jnp.abs(prob - onehot.astype(jnp.float32)), 0.0)
-        live = (deviation.max(axis=1).max(axis=0) >= filter_eps).astype(jnp.int32).reshape(1, 1)
+        live = (deviation.max(axis=1).max(axis=0) >= filter_eps).astype(jnp.int32)
     tiles.store_2d(live_ref, i, 1, None, j, 1, None, jnp.broadcast_to(live, (1, 1)))
 
+    # Phase 4: the tile of G, unless only block-sparse products read it and they will skip it.
+    if store_all or filter_eps is None:
+        tiles.store_2d(g_ref, n0, bn, nmask, j * bv, bv, None, g)
+    else:
+        @pl.when(live != 0)
+        def _():
+            tiles.store_2d(g_ref, n0, bn, nmask, j * bv, bv, None, g)
 
-@functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "filter_eps", "interpret"))
+
+@functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "filter_eps", "store_all", "interpret"))
 def logit_grad(e, c, bias, targets, lse, g_lse, g_target, g_sum, v_start, *, p: Problem,
-               cfg: BackwardConfig, need_sum: bool, filter_eps: float | None, interpret: bool = False):
+               cfg: BackwardConfig, need_sum: bool, filter_eps: float | None, store_all: bool = True,
+               interpret: bool = False):
     """Gradient of the chunk ``[v_start, v_start + chunk_v)`` of logits and its per-tile filter flags.
 
     Returns ``(g, live)``: g is (N, chunk_v) in e's dtype (zero in columns past V), live is
-    (cdiv(N, block_n), chunk_v / block_v) int32.
+    (cdiv(N, block_n), chunk_v / block_v) int32. With ``store_all=False`` the tiles of g whose flag is 0 are
+    left unwritten (only :func:`accumulate_de` / :func:`write_dc`, which skip them, may read such a g).
     """
-    kernel = functools.partial(_logit_grad_kernel, p=p, cfg=cfg, need_sum=need_sum, filter_eps=filter_eps)
+    kernel = functools.partial(_logit_grad_kernel, p=p, cfg=cfg, need_sum=need_sum, filter_eps=filter_eps,
+                               store_all=store_all)
     if bias is None:
         kernel = functools.partial(_insert_none, kernel, 3)
     grid = (tiles.cdiv(p.n, cfg.block_n), cfg.chunk_v // cfg.block_v)
@@ -116,12 +129,23 @@ def logit_grad(e, c, bias, targets, lse, g_lse, g_target, g_sum, v_start, *, p: 
     )(*args)
 
 
+def live_lists(live: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Per tile row: live tile columns in ascending order (then the rest) and their count; same per column.
+
+    Returns ``(cols_of_row, count_of_row, rows_of_col, count_of_col)``; a stable sort keeps the order fixed.
+    """
+    dead = live == 0
+    cols = jnp.argsort(dead, axis=1, stable=True).astype(jnp.int32)
+    rows = jnp.argsort(dead, axis=0, stable=True).astype(jnp.int32)
+    return cols, live.sum(axis=1, dtype=jnp.int32), rows, live.sum(axis=0, dtype=jnp.int32)
+
+
 # --------------------------------------------------------------------------------------------------------
 # 2. dE += G @ c_chunk.
 
 
-def _accumulate_de_kernel(vs_ref, g_ref, live_ref, c_ref, de_in_ref, de_ref, *, p: Problem,
-                          cfg: BackwardConfig, skip: bool):
+def _accumulate_de_kernel(vs_ref, g_ref, cols_ref, count_ref, c_ref, de_in_ref, de_ref, *, p: Problem,
+                          cfg: BackwardConfig):
     del de_in_ref  # aliased with de_ref
     bn, bv, bo = cfg.block_n, cfg.block_v, cfg.block_dout
     i, k = pl.program_id(0), pl.program_id(1)
@@ -129,44 +153,40 @@ def _accumulate_de_kernel(vs_ref, g_ref, live_ref, c_ref, de_in_ref, de_ref, *, 
     nmask = tiles.in_bounds(n0, bn, p.n, p.n % bn == 0)
     dmask = tiles.in_bounds(d0, bo, p.d, p.d % bo == 0)
 
-    def add_tile(j, acc):
+    def add_tile(t, acc):
+        j = cols_ref[i, t]
         v0 = vs_ref[0] + j * bv
         g = tiles.load_2d(g_ref, n0, bn, nmask, j * bv, bv, None)
         c_t = tiles.load_c_tile(c_ref, v0, bv, tiles.in_bounds(v0, bv, p.v, False), d0, bo, dmask, p.layout)
         return acc + tiles.dot(g, c_t, trans_b=p.layout == "dv")
 
-    def step(j, acc):
-        if not skip:
-            return add_tile(j, acc)
-        return lax.cond(live_ref[i, j] != 0, add_tile, lambda _, a: a, j, acc)
-
-    acc = lax.fori_loop(0, cfg.chunk_v // bv, step, jnp.zeros((bn, bo), jnp.float32))
+    acc = lax.fori_loop(0, count_ref[i], add_tile, jnp.zeros((bn, bo), jnp.float32))
     prev = tiles.load_2d(de_ref, n0, bn, nmask, d0, bo, dmask).astype(jnp.float32)
     tiles.store_2d(de_ref, n0, bn, nmask, d0, bo, dmask, (prev + acc).astype(de_ref.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("p", "cfg", "skip", "interpret"), donate_argnums=(4,))
-def accumulate_de(g, live, c, v_start, de, *, p: Problem, cfg: BackwardConfig, skip: bool,
+@functools.partial(jax.jit, static_argnames=("p", "cfg", "interpret"), donate_argnums=(5,))
+def accumulate_de(g, cols_of_row, count_of_row, c, v_start, de, *, p: Problem, cfg: BackwardConfig,
                   interpret: bool = False):
-    """Returns ``de + g @ c[v_start : v_start + chunk_v]`` (dE accumulates in de's dtype)."""
-    kernel = functools.partial(_accumulate_de_kernel, p=p, cfg=cfg, skip=skip)
+    """Returns ``de + g @ c[v_start : v_start + chunk_v]`` over live tiles (dE accumulates in de's dtype)."""
+    kernel = functools.partial(_accumulate_de_kernel, p=p, cfg=cfg)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(de.shape, de.dtype),
         grid=(tiles.cdiv(p.n, cfg.block_n), tiles.cdiv(p.d, cfg.block_dout)),
-        input_output_aliases={4: 0},
+        input_output_aliases={5: 0},
         compiler_params=_params(cfg.product_warps, cfg.product_stages),
         interpret=interpret,
         name="cce_accumulate_de",
-    )(v_start, g, live, c, de)
+    )(v_start, g, cols_of_row, count_of_row, c, de)
 
 
 # --------------------------------------------------------------------------------------------------------
 # 3. dC[chunk] = G^T @ e (and dbias[chunk] = column sums of G).
 
 
-def _write_dc_kernel(vs_ref, g_ref, live_ref, e_ref, dc_in_ref, db_in_ref, dc_ref, db_ref, *, p: Problem,
-                     cfg: BackwardConfig, skip: bool):
+def _write_dc_kernel(vs_ref, g_ref, rows_ref, count_ref, e_ref, dc_in_ref, db_in_ref, dc_ref, db_ref, *,
+                     p: Problem, cfg: BackwardConfig):
     del dc_in_ref, db_in_ref  # aliased with the outputs
     bn, bv, bo = cfg.block_n, cfg.block_v, cfg.block_dout
     j, k = pl.program_id(0), pl.program_id(1)
@@ -175,9 +195,9 @@ def _write_dc_kernel(vs_ref, g_ref, live_ref, e_ref, dc_in_ref, db_in_ref, dc_re
     dmask = tiles.in_bounds(d0, bo, p.d, p.d % bo == 0)
     n_full = p.n % bn == 0
 
-    def add_tile(i, carry):
+    def add_tile(t, carry):
         acc, colsum = carry
-        n0 = i * bn
+        n0 = rows_ref[t, j] * bn
         nmask = tiles.in_bounds(n0, bn, p.n, n_full)
         g = tiles.load_2d(g_ref, n0, bn, nmask, j * bv, bv, None)
         e_t = tiles.load_2d(e_ref, n0, bn, nmask, d0, bo, dmask)
@@ -186,13 +206,8 @@ def _write_dc_kernel(vs_ref, g_ref, live_ref, e_ref, dc_in_ref, db_in_ref, dc_re
             colsum = colsum + g.astype(jnp.float32).sum(axis=0)
         return acc, colsum
 
-    def step(i, carry):
-        if not skip:
-            return add_tile(i, carry)
-        return lax.cond(live_ref[i, j] != 0, add_tile, lambda _, c: c, i, carry)
-
     colsum0 = jnp.zeros((bv,), jnp.float32) if p.has_bias else None
-    acc, colsum = lax.fori_loop(0, tiles.cdiv(p.n, bn), step, (jnp.zeros((bv, bo), jnp.float32), colsum0))
+    acc, colsum = lax.fori_loop(0, count_ref[j], add_tile, (jnp.zeros((bv, bo), jnp.float32), colsum0))
     out = acc.astype(dc_ref.dtype)
     if p.layout == "vd":
         tiles.store_2d(dc_ref, v0, bv, vmask, d0, bo, dmask, out)
@@ -204,20 +219,21 @@ def _write_dc_kernel(vs_ref, g_ref, live_ref, e_ref, dc_in_ref, db_in_ref, dc_re
             tiles.store_1d(db_ref, v0, bv, vmask, colsum)
 
 
-@functools.partial(jax.jit, static_argnames=("p", "cfg", "skip", "interpret"), donate_argnums=(4, 5))
-def write_dc(g, live, e, v_start, dc, db, *, p: Problem, cfg: BackwardConfig, skip: bool,
+@functools.partial(jax.jit, static_argnames=("p", "cfg", "interpret"), donate_argnums=(5, 6))
+def write_dc(g, rows_of_col, count_of_col, e, v_start, dc, db, *, p: Problem, cfg: BackwardConfig,
              interpret: bool = False):
-    """Writes rows ``[v_start, v_start + chunk_v)`` of dC (and of the float32 dbias ``db``) from ``g``."""
-    kernel = functools.partial(_write_dc_kernel, p=p, cfg=cfg, skip=skip)
+    """Writes rows ``[v_start, v_start + chunk_v)`` of dC (and of the float32 dbias ``db``) from the live
+    tiles of ``g``."""
+    kernel = functools.partial(_write_dc_kernel, p=p, cfg=cfg)
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(dc.shape, dc.dtype), jax.ShapeDtypeStruct(db.shape, db.dtype)),
         grid=(cfg.chunk_v // cfg.block_v, tiles.cdiv(p.d, cfg.block_dout)),
-        input_output_aliases={4: 0, 5: 1},
+        input_output_aliases={5: 0, 6: 1},
         compiler_params=_params(cfg.product_warps, cfg.product_stages),
         interpret=interpret,
         name="cce_write_dc",
-    )(v_start, g, live, e, dc, db)
+    )(v_start, g, rows_of_col, count_of_col, e, dc, db)
 
 
 def _insert_none(kernel, position, *refs):

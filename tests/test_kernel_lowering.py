@@ -51,7 +51,7 @@ def test_filtered_products_lower_for_cuda():
         assert name in text
 
 
-@pytest.mark.parametrize("config", sorted(set(cce_lib.TUNED.values()), key=repr) or [cce_lib.DEFAULT], ids=repr)
+@pytest.mark.parametrize("config", sorted(set(cce_lib.TUNED.values()) | {cce_lib.DEFAULT}, key=repr), ids=repr)
 def test_tuned_table_configs_lower_for_cuda(config):
     text = _lower(4096, 2304, 32000, jnp.bfloat16, impl=config)
     for name in KERNEL_NAMES:
