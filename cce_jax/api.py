@@ -22,6 +22,7 @@ from cce_jax import options as options_lib
 from cce_jax import xla as xla_lib
 from cce_jax.options import VocabParallelOptions
 from cce_jax.stats import LogitSpec, TokenStats
+from cce_jax.vma import align_varying
 
 Reduction = Literal["mean", "sum", "none"]
 _REDUCTIONS = ("mean", "sum", "none")
@@ -290,9 +291,11 @@ def linear_cross_entropy(
         zeros = jnp.zeros((0,), jnp.float32)
         stats = TokenStats(zeros, zeros, zeros)
     elif vocab_parallel is None:
-        stats = stats_fn(e2, c, bias, stats_targets)
+        stats = stats_fn(*align_varying(e2, c, bias, stats_targets))
     else:
-        stats = vp_lib.token_stats(stats_fn, e2, c, bias, stats_targets, vocab_parallel, vocab_local)
+        stats = vp_lib.token_stats(
+            stats_fn, e2, c, bias, stats_targets, vocab_parallel, vocab_local, spec=spec
+        )
 
     nll = stats.lse - stats.target_logit
     if spec.need_sum:

@@ -78,7 +78,7 @@ def resolve_filter_eps(filter_eps: float | str | None, dtype) -> float | None:
     if filter_eps is None:
         return None
     if isinstance(filter_eps, str):
-        return float(np.finfo(jnp.dtype(dtype)).eps) / 32.0
+        return float(jnp.finfo(dtype).eps) / 32.0
     return float(filter_eps)
 
 
@@ -114,8 +114,10 @@ class VocabParallelOptions:
 
     Use inside ``shard_map`` (or another context that binds ``axis_name``): ``c`` holds rows
     ``[start, stop)`` of the full classifier (columns for ``classifier_layout="dv"``) and ``bias`` the same
-    slice. ``start``/``stop`` default to an even split by ``lax.axis_index(axis_name)``; pass them (Python
-    ints or traced scalars) for uneven splits, e.g. from :func:`cce_jax.vocab_partition`.
+    slice. ``start``/``stop`` default to an even split by ``lax.axis_index(axis_name)``. For uneven splits
+    pass per-device sequences (one entry per device along the axis, e.g. from
+    :func:`cce_jax.vocab_parallel_options`) or traced per-device scalars; each shard is then padded to a
+    common length and its rows past ``stop - start`` are masked out (see :mod:`cce_jax.vocab_parallel`).
     """
 
     axis_name: str | tuple[str, ...]

@@ -25,6 +25,7 @@ from jax import lax
 from cce_jax import logits as logits_lib
 from cce_jax.options import BackwardOptions
 from cce_jax.stats import LogitSpec, TokenStats
+from cce_jax.vma import varying_like
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +74,7 @@ def _clamped(i, block: int, size: int):
 def _forward(e, c, bias, targets, spec: LogitSpec, config: XlaConfig) -> TokenStats:
     n, v, bn, bv, num_n, num_v = _blocks(e, c, spec, config)
     vaxis = _vocab_axis(spec.layout)
+    vary = lambda x: varying_like(x, e, c, bias, targets)  # noqa: E731
 
     def row_block(i, outs):
         n0, _ = _clamped(i, bn, n)
@@ -94,12 +96,13 @@ def _forward(e, c, bias, targets, spec: LogitSpec, config: XlaConfig) -> TokenSt
                 zs = zs + jnp.where(live, z, 0.0).sum(axis=1)
             return m_new, s, zt, zs
 
-        zeros = jnp.zeros((bn,), jnp.float32)
-        m, s, zt, zs = lax.fori_loop(0, num_v, vocab_step, (jnp.full((bn,), -jnp.inf), zeros, zeros, zeros))
+        zeros = vary(jnp.zeros((bn,), jnp.float32))
+        init = (vary(jnp.full((bn,), -jnp.inf)), zeros, zeros, zeros)
+        m, s, zt, zs = lax.fori_loop(0, num_v, vocab_step, init)
         block_stats = (m + jnp.log(s), zt, zs)
         return tuple(lax.dynamic_update_slice_in_dim(o, x, n0, 0) for o, x in zip(outs, block_stats))
 
-    zeros = jnp.zeros((n,), jnp.float32)
+    zeros = vary(jnp.zeros((n,), jnp.float32))
     return TokenStats(*lax.fori_loop(0, num_n, row_block, (zeros, zeros, zeros)))
 
 
@@ -116,6 +119,7 @@ def _backward(spec: LogitSpec, bwd: BackwardOptions, config: XlaConfig, res, cot
     d = e.shape[1]
     vaxis = _vocab_axis(spec.layout)
     precision = logits_lib.matmul_precision(e.dtype)
+    vary = lambda x: varying_like(x, e, c, bias, targets, lse, g_lse, g_target, g_sum)  # noqa: E731
 
     def vocab_block(j, carry):
         de_acc, dc, db = carry
@@ -170,9 +174,9 @@ def _backward(spec: LogitSpec, bwd: BackwardOptions, config: XlaConfig, res, cot
             return de_acc, dc_blk, db_blk
 
         dc_shape = (bv, d) if spec.layout == "vd" else (d, bv)
-        db_init = None if bias is None else jnp.zeros((bv,), jnp.float32)
+        db_init = None if bias is None else vary(jnp.zeros((bv,), jnp.float32))
         de_acc, dc_blk, db_blk = lax.fori_loop(
-            0, num_n, token_block, (de_acc, jnp.zeros(dc_shape, jnp.float32), db_init)
+            0, num_n, token_block, (de_acc, vary(jnp.zeros(dc_shape, jnp.float32)), db_init)
         )
         # Columns shared with the previous (clamped) block already hold their final values.
         live_c = live_cols[:, None] if spec.layout == "vd" else live_cols[None, :]
@@ -183,9 +187,10 @@ def _backward(spec: LogitSpec, bwd: BackwardOptions, config: XlaConfig, res, cot
             db = lax.dynamic_update_slice_in_dim(db, merged_b, v0, axis=0)
         return de_acc, dc, db
 
-    db0 = None if bias is None else jnp.zeros((v,), jnp.float32)
+    db0 = None if bias is None else vary(jnp.zeros((v,), jnp.float32))
     de_acc, dc, db = lax.fori_loop(
-        0, num_v, vocab_block, (jnp.zeros((n, d), jnp.float32), jnp.zeros(c.shape, c.dtype), db0)
+        0, num_v, vocab_block,
+        (vary(jnp.zeros((n, d), jnp.float32)), vary(jnp.zeros(c.shape, c.dtype)), db0),
     )
     dbias = None if bias is None else db.astype(bias.dtype)
     return de_acc.astype(e.dtype), dc, dbias, None
