@@ -4,7 +4,8 @@
 
 Forward candidates are timed on the forward kernel alone; backward candidates on ``value_and_grad`` with the
 best forward, with filtering on (preset "cce") and off ("cce_exact"). Results go to stdout and, with
-``--json``, to a file; paste the printed entry into ``cce_jax.cce.TUNED``.
+``--json``, to a file. ``--save TABLE`` adds the best entry to a tuning table that the kernels read when the
+environment variable ``CCE_JAX_TUNING_FILE`` names it (or paste it into ``cce_jax.cce.TUNED``).
 """
 
 from __future__ import annotations
@@ -28,16 +29,16 @@ from pallas_kernels.lse_forward import ForwardConfig
 FORWARD_CANDIDATES = [
     ForwardConfig(bn, bv, bd, w, s)
     for (bn, bv, bd, w, s) in [
-        (64, 256, 64, 8, 4), (64, 256, 64, 8, 5), (64, 256, 64, 4, 4), (64, 256, 32, 8, 5),
-        (32, 256, 64, 4, 4), (64, 512, 32, 8, 4), (128, 256, 32, 8, 4), (64, 128, 64, 4, 4),
+        (64, 256, 64, 4, 4), (64, 256, 64, 8, 4), (64, 256, 64, 4, 3), (64, 512, 32, 8, 4), (64, 128, 64, 4, 4),
     ]
 ]
+# (block_n, block_v, block_d, block_dout, block_vout, grad warps, grad stages, product warps, product stages)
 BACKWARD_CANDIDATES = [
-    BackwardConfig(bn, bv, bd, bo, chunk_v=8192, grad_warps=gw, grad_stages=gs, product_warps=pw,
+    BackwardConfig(bn, bv, bd, bo, bvo, chunk_v=8192, grad_warps=gw, grad_stages=gs, product_warps=pw,
                    product_stages=ps)
-    for (bn, bv, bd, bo, gw, gs, pw, ps) in [
-        (64, 256, 64, 128, 8, 4, 8, 3), (64, 256, 64, 64, 8, 4, 4, 3), (64, 256, 64, 128, 8, 4, 4, 3),
-        (64, 128, 64, 128, 4, 4, 4, 3), (128, 128, 64, 128, 8, 4, 8, 3), (64, 256, 32, 128, 8, 5, 8, 3),
+    for (bn, bv, bd, bo, bvo, gw, gs, pw, ps) in [
+        (64, 256, 64, 128, 128, 4, 4, 4, 3), (64, 256, 64, 128, 64, 4, 4, 4, 3), (64, 256, 64, 64, 128, 4, 4, 4, 3),
+        (128, 128, 64, 128, 128, 8, 4, 8, 3), (64, 128, 64, 128, 128, 4, 4, 4, 3),
     ]
 ]
 
@@ -100,6 +101,11 @@ def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print) -> dict:
             if ms < best[1]:
                 best = (bw, ms)
         best_bw[preset] = best
+    results["entry"] = None if best_fw is None or best_bw["cce"][0] is None else {
+        "device_kind": jax.devices()[0].device_kind,
+        "shape_class": shape_class(d, dtype),
+        "config": {"forward": dataclasses.asdict(best_fw), "backward": dataclasses.asdict(best_bw["cce"][0])},
+    }
     results["best"] = {
         "device_kind": jax.devices()[0].device_kind,
         "shape_class": shape_class(d, dtype),
@@ -164,6 +170,19 @@ def per_kernel(n: int, d: int, v: int, dtype, config: KernelConfig | None = None
     return rows
 
 
+def save_entry(path: str, entry: dict) -> None:
+    """Adds (or replaces) one (device kind, shape class) entry of a tuning table file."""
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except FileNotFoundError:
+        table = {"entries": []}
+    key = (entry["device_kind"], entry["shape_class"])
+    table["entries"] = [x for x in table["entries"] if (x["device_kind"], x["shape_class"]) != key] + [entry]
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=8192)
@@ -173,6 +192,7 @@ def main(argv=None) -> None:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--json")
     parser.add_argument("--per-kernel", action="store_true", help="time each kernel of the default config")
+    parser.add_argument("--save", help="add the best config to this tuning table (read via CCE_JAX_TUNING_FILE)")
     args = parser.parse_args(argv)
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[args.dtype]
     if args.per_kernel:
@@ -183,6 +203,8 @@ def main(argv=None) -> None:
         return
     results = tune(args.n, args.d, args.v, dtype, args.iters, log=lambda s: print(s, file=sys.stderr, flush=True))
     print(json.dumps(results["best"], indent=1))
+    if args.save and results["entry"] is not None:
+        save_entry(args.save, results["entry"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

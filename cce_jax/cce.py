@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +24,7 @@ from cce_jax import options as options_lib
 from cce_jax.options import BackwardOptions
 from cce_jax.stats import LogitSpec, TokenStats
 from pallas_kernels import tiles
-from pallas_kernels.backward import BackwardConfig, accumulate_de, live_lists, logit_grad, write_dc
+from pallas_kernels.backward import BackwardConfig, accumulate_de, expand_live, live_lists, logit_grad, write_dc
 from pallas_kernels.lse_forward import ForwardConfig, lse_forward
 from pallas_kernels.tiles import Problem
 
@@ -35,21 +37,29 @@ class KernelConfig:
       forward: tiles, warps and stages of the forward kernel.
       backward: tiles, warps and stages of the backward kernels; its ``chunk_v`` is an upper bound.
       grad_buffer_bytes: budget for the (N, chunk_v) gradient buffer; ``chunk_v`` shrinks to fit it.
+      dense_fraction: a chunk in which more than this fraction of gradient tiles survives filtering is
+        multiplied by XLA's dense matmul instead of the block-sparse kernels (faster when little is skipped).
     """
 
     forward: ForwardConfig = ForwardConfig()
     backward: BackwardConfig = BackwardConfig()
     grad_buffer_bytes: int = 128 * 2**20
+    dense_fraction: float = 0.25
 
     def __post_init__(self):
         for name, block in (
             ("forward.block_n", self.forward.block_n), ("forward.block_v", self.forward.block_v),
             ("forward.block_d", self.forward.block_d), ("backward.block_n", self.backward.block_n),
             ("backward.block_v", self.backward.block_v), ("backward.block_d", self.backward.block_d),
-            ("backward.block_dout", self.backward.block_dout),
+            ("backward.block_dout", self.backward.block_dout), ("backward.block_vout", self.backward.block_vout),
         ):
             if block < 16 or block & (block - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {block}")
+        if self.backward.block_vout > self.backward.block_v:
+            raise ValueError(
+                f"KernelConfig.backward.block_vout ({self.backward.block_vout}) must divide backward.block_v "
+                f"({self.backward.block_v})"
+            )
         if self.backward.chunk_v % self.backward.block_v:
             raise ValueError(
                 f"KernelConfig.backward.chunk_v ({self.backward.chunk_v}) must be a multiple of "
@@ -89,10 +99,34 @@ def shape_class(d: int, dtype) -> str:
     return f"{width}-{size}"
 
 
+TUNING_FILE_ENV = "CCE_JAX_TUNING_FILE"
+
+
+def config_from_dict(entry: dict) -> KernelConfig:
+    return KernelConfig(forward=ForwardConfig(**entry["forward"]), backward=BackwardConfig(**entry["backward"]),
+                        **{k: v for k, v in entry.items() if k not in ("forward", "backward")})
+
+
+@functools.lru_cache(maxsize=None)
+def _tuning_file(path: str) -> dict[tuple[str, str], KernelConfig]:
+    with open(path) as f:
+        entries = json.load(f)["entries"]
+    return {(x["device_kind"], x["shape_class"]): config_from_dict(x["config"]) for x in entries}
+
+
 def default_config(d: int, dtype) -> KernelConfig:
-    """The tuned entry for this GPU and shape class, else :data:`DEFAULT`."""
+    """The block config for this GPU and shape class.
+
+    Looks first in the table written by ``python -m cce_jax.autotune --save PATH`` when the environment variable
+    ``CCE_JAX_TUNING_FILE`` names one, then in :data:`TUNED`, else returns :data:`DEFAULT`.
+    """
     kind = jax.devices()[0].device_kind
     cls = shape_class(d, dtype)
+    path = os.environ.get(TUNING_FILE_ENV)
+    if path:
+        tuned = _tuning_file(path).get((kind, cls))
+        if tuned is not None:
+            return tuned
     for (gpu, table_cls), cfg in TUNED.items():
         if gpu in kind and table_cls == cls:
             return cfg
@@ -148,8 +182,8 @@ def _xla_dot(a, b, contract_a: int, contract_b: int, out_dtype):
 def _token_stats_bwd(spec: LogitSpec, bwd: BackwardOptions, config: KernelConfig, interpret: bool, res,
                      cotangents):
     """Walks the vocabulary in chunks. A side (dE or dC) that may skip filtered tiles uses the block-sparse
-    Pallas product; a side that may not uses XLA's dense matmul on the same gradient buffer, which is faster
-    when nothing is skipped."""
+    Pallas product, unless more than ``dense_fraction`` of the chunk's tiles are live; otherwise, and for a side
+    that may not skip, XLA's dense matmul multiplies the same gradient buffer (faster when little is skipped)."""
     e, c, bias, targets, lse = res
     g_lse, g_target, g_sum = cotangents
     p = _problem(e, c, bias, spec)
@@ -159,29 +193,51 @@ def _token_stats_bwd(spec: LogitSpec, bwd: BackwardOptions, config: KernelConfig
     db_shape = (p.v,) if bias is not None else (1,)
     filters = bwd.filter_eps if (bwd.filters_e or bwd.filters_c) else None
 
+    def dense_de(g_w, c_w, de):
+        return (de.astype(jnp.float32) + _xla_dot(g_w, c_w, 1, vaxis, jnp.float32)).astype(de.dtype)
+
+    def dense_dc(g_w, start, dc, db):
+        block = _xla_dot(g_w, e, 0, 0, dc.dtype) if p.layout == "vd" else _xla_dot(e, g_w, 0, 0, dc.dtype)
+        dc = lax.dynamic_update_slice_in_dim(dc, block, start, axis=vaxis)
+        if bias is not None:
+            db = lax.dynamic_update_slice_in_dim(db, g_w.astype(jnp.float32).sum(axis=0), start, axis=0)
+        return dc, db
+
     def chunk_step(start, width, carry):
         """Processes vocabulary columns [start, start + width); ``width`` is static."""
         de, dc, db = carry
         v_start = jnp.asarray(start, jnp.int32).reshape(1)
+        sparse = filters is not None and bwd.filters_e and bwd.filters_c
         g, live = logit_grad(e, c, bias, targets, lse, g_lse, g_target, g_sum, v_start, p=p, cfg=cfg,
-                             need_sum=spec.need_sum, filter_eps=filters,
-                             store_all=not (bwd.filters_e and bwd.filters_c), interpret=interpret)
-        if filters is not None:
-            cols_of_row, count_of_row, rows_of_col, count_of_col = live_lists(live)
+                             need_sum=spec.need_sum, filter_eps=filters, store_all=not sparse,
+                             interpret=interpret)
+        c_w = lax.dynamic_slice_in_dim(c, start, width, axis=vaxis)
+
+        def dense_input():
+            # Tiles a sparse-only buffer left unwritten hold garbage; the dense products read zeros there.
+            g_w = g[:, :width]
+            return jnp.where(expand_live(live, cfg, p.n)[:, :width], g_w, 0) if sparse else g_w
+
+        if filters is None:
+            g_w = dense_input()
+            return dense_de(g_w, c_w, de), *dense_dc(g_w, start, dc, db)
+        cols_of_row, count_of_row, rows_of_col, count_of_col = live_lists(live)
+        dense = jnp.mean(live.astype(jnp.float32)) > config.dense_fraction
+
+        def sparse_de(de):
+            return accumulate_de(g, cols_of_row, count_of_row, c, v_start, de, p=p, cfg=cfg, interpret=interpret)
+
+        def sparse_dc(dc, db):
+            return write_dc(g, rows_of_col, count_of_col, e, v_start, dc, db, p=p, cfg=cfg, interpret=interpret)
+
         if bwd.filters_e:
-            de = accumulate_de(g, cols_of_row, count_of_row, c, v_start, de, p=p, cfg=cfg, interpret=interpret)
+            de = lax.cond(dense, lambda de: dense_de(dense_input(), c_w, de), sparse_de, de)
         else:
-            g_w = g[:, :width]
-            c_w = lax.dynamic_slice_in_dim(c, start, width, axis=vaxis)
-            de = (de.astype(jnp.float32) + _xla_dot(g_w, c_w, 1, vaxis, jnp.float32)).astype(de.dtype)
+            de = dense_de(dense_input(), c_w, de)
         if bwd.filters_c:
-            dc, db = write_dc(g, rows_of_col, count_of_col, e, v_start, dc, db, p=p, cfg=cfg, interpret=interpret)
+            dc, db = lax.cond(dense, lambda dc, db: dense_dc(dense_input(), start, dc, db), sparse_dc, dc, db)
         else:
-            g_w = g[:, :width]
-            block = _xla_dot(g_w, e, 0, 0, dc.dtype) if p.layout == "vd" else _xla_dot(e, g_w, 0, 0, dc.dtype)
-            dc = lax.dynamic_update_slice_in_dim(dc, block, start, axis=vaxis)
-            if bias is not None:
-                db = lax.dynamic_update_slice_in_dim(db, g_w.astype(jnp.float32).sum(axis=0), start, axis=0)
+            dc, db = dense_dc(dense_input(), start, dc, db)
         return de, dc, db
 
     carry = (jnp.zeros(e.shape, de_dtype), jnp.zeros(c.shape, c.dtype), jnp.zeros(db_shape, jnp.float32))

@@ -8,7 +8,7 @@ The backward walks the vocabulary in chunks of ``chunk_v`` columns (a loop in th
 2. :func:`accumulate_de` adds ``G @ c_chunk`` into dE. Grid ``(cdiv(N, block_n), cdiv(D, block_dout))``;
    program (i, k) owns rows i and hidden columns k of dE, so its read-modify-write needs no atomics.
 3. :func:`write_dc` writes ``G^T @ e`` for the chunk's rows of dC (and their dbias). Grid
-   ``(chunk_v / block_v, cdiv(D, block_dout))``; program (j, k) owns classifier rows j, hidden columns k.
+   ``(chunk_v / block_vout, cdiv(D, block_dout))``; program (j, k) owns classifier rows j, hidden columns k.
 
 The products visit only live tiles: :func:`live_lists` turns the flags into, per tile row (dE) and per tile
 column (dC), the ascending list of live tiles and its length, so a program's loop runs over live tiles only
@@ -38,6 +38,8 @@ class BackwardConfig:
     Attributes:
       block_n, block_v, block_d: logits tile and its reduction slice in :func:`logit_grad`.
       block_dout: width of the dE / dC output tiles owned by one program of the products.
+      block_vout: classifier rows owned by one program of :func:`write_dc` (divides block_v), so the dC
+        accumulator stays small when the gradient tiles are wide.
       chunk_v: vocabulary columns per chunk (a multiple of block_v); the (N, chunk_v) gradient buffer is the
         backward's main temporary.
     """
@@ -46,6 +48,7 @@ class BackwardConfig:
     block_v: int = 128
     block_d: int = 64
     block_dout: int = 128
+    block_vout: int = 128
     chunk_v: int = 8192
     grad_warps: int = 4
     grad_stages: int = 3
@@ -129,6 +132,11 @@ def logit_grad(e, c, bias, targets, lse, g_lse, g_target, g_sum, v_start, *, p: 
     )(*args)
 
 
+def expand_live(live: jax.Array, cfg: BackwardConfig, n: int) -> jax.Array:
+    """The (N, chunk_v) element mask of live tiles (to read a gradient buffer written with store_all=False)."""
+    return jnp.repeat(jnp.repeat(live != 0, cfg.block_n, axis=0)[:n], cfg.block_v, axis=1)
+
+
 def live_lists(live: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Per tile row: live tile columns in ascending order (then the rest) and their count; same per column.
 
@@ -188,8 +196,9 @@ def accumulate_de(g, cols_of_row, count_of_row, c, v_start, de, *, p: Problem, c
 def _write_dc_kernel(vs_ref, g_ref, rows_ref, count_ref, e_ref, dc_in_ref, db_in_ref, dc_ref, db_ref, *,
                      p: Problem, cfg: BackwardConfig):
     del dc_in_ref, db_in_ref  # aliased with the outputs
-    bn, bv, bo = cfg.block_n, cfg.block_v, cfg.block_dout
+    bn, bv, bo = cfg.block_n, cfg.block_vout, cfg.block_dout
     j, k = pl.program_id(0), pl.program_id(1)
+    tile = j // (cfg.block_v // bv)  # the gradient tile column (and filter flag column) holding rows j
     v0, d0 = vs_ref[0] + j * bv, k * bo
     vmask = tiles.in_bounds(v0, bv, p.v, False)
     dmask = tiles.in_bounds(d0, bo, p.d, p.d % bo == 0)
@@ -197,7 +206,7 @@ def _write_dc_kernel(vs_ref, g_ref, rows_ref, count_ref, e_ref, dc_in_ref, db_in
 
     def add_tile(t, carry):
         acc, colsum = carry
-        n0 = rows_ref[t, j] * bn
+        n0 = rows_ref[t, tile] * bn
         nmask = tiles.in_bounds(n0, bn, p.n, n_full)
         g = tiles.load_2d(g_ref, n0, bn, nmask, j * bv, bv, None)
         e_t = tiles.load_2d(e_ref, n0, bn, nmask, d0, bo, dmask)
@@ -207,7 +216,7 @@ def _write_dc_kernel(vs_ref, g_ref, rows_ref, count_ref, e_ref, dc_in_ref, db_in
         return acc, colsum
 
     colsum0 = jnp.zeros((bv,), jnp.float32) if p.has_bias else None
-    acc, colsum = lax.fori_loop(0, count_ref[j], add_tile, (jnp.zeros((bv, bo), jnp.float32), colsum0))
+    acc, colsum = lax.fori_loop(0, count_ref[tile], add_tile, (jnp.zeros((bv, bo), jnp.float32), colsum0))
     out = acc.astype(dc_ref.dtype)
     if p.layout == "vd":
         tiles.store_2d(dc_ref, v0, bv, vmask, d0, bo, dmask, out)
@@ -228,7 +237,7 @@ def write_dc(g, rows_of_col, count_of_col, e, v_start, dc, db, *, p: Problem, cf
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(dc.shape, dc.dtype), jax.ShapeDtypeStruct(db.shape, db.dtype)),
-        grid=(cfg.chunk_v // cfg.block_v, tiles.cdiv(p.d, cfg.block_dout)),
+        grid=(cfg.chunk_v // cfg.block_vout, tiles.cdiv(p.d, cfg.block_dout)),
         input_output_aliases={5: 0, 6: 1},
         compiler_params=_params(cfg.product_warps, cfg.product_stages),
         interpret=interpret,

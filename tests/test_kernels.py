@@ -21,9 +21,12 @@ from pallas_kernels.lse_forward import ForwardConfig
 from pallas_kernels.tiles import Problem
 from tests.reference import Tolerance, check_against_reference, make_inputs
 
+# dense_fraction=1.0: filtered chunks always go through the block-sparse products (the dense fallback has its
+# own test below).
 SMALL = KernelConfig(
     forward=ForwardConfig(block_n=16, block_v=32, block_d=16),
-    backward=BackwardConfig(block_n=16, block_v=32, block_d=16, block_dout=16, chunk_v=64),
+    backward=BackwardConfig(block_n=16, block_v=32, block_d=16, block_dout=16, block_vout=16, chunk_v=64),
+    dense_fraction=1.0,
 )
 
 # (preset, dtype, layout, targets shape, D, V, options): every preset, every option, both layouts, all dtypes.
@@ -156,7 +159,9 @@ def test_kernel_config_rejects_bad_blocks():
     with pytest.raises(ValueError, match="block_v"):
         KernelConfig(forward=ForwardConfig(block_v=96))
     with pytest.raises(ValueError, match="chunk_v"):
-        KernelConfig(backward=BackwardConfig(block_v=64, chunk_v=96))
+        KernelConfig(backward=BackwardConfig(block_v=64, block_vout=64, chunk_v=96))
+    with pytest.raises(ValueError, match="block_vout"):
+        KernelConfig(backward=BackwardConfig(block_v=64, block_vout=128))
 
 
 def test_backward_options_of_presets():
@@ -168,3 +173,44 @@ def test_backward_options_of_presets():
     full_c = backward_options("cce_kahan_full_c", filter_eps=1e-3, filter_e_grad=True, filter_c_grad=True,
                               accum_e_fp32=False, accum_c_fp32=False)
     assert full_c.filters_e and not full_c.filters_c and full_c.accum_e_fp32
+
+
+def test_dense_fallback_reads_only_live_tiles():
+    """With dense_fraction=0 every filtered chunk takes XLA's dense products on a buffer whose skipped tiles
+    were never written (NaN in the interpreter): they must read as zeros, and the result match the sparse one."""
+    import dataclasses
+
+    import cce_jax
+
+    rng = np.random.default_rng(9)
+    n, d, v = 48, 512, 193
+    e, c, targets = _peaked(rng, n, d, v, jnp.bfloat16)
+    targets = targets.at[:8].set(40)
+    assert _live_flags(e, c, targets, filter_eps=2.0**-12).min() == 0
+
+    def grads(config):
+        f = lambda e, c: cce_jax.linear_cross_entropy(e, c, targets, impl=config, interpret=True)  # noqa: E731
+        return jax.grad(f, argnums=(0, 1))(e, c)
+
+    dense = grads(dataclasses.replace(SMALL, dense_fraction=0.0))
+    sparse = grads(SMALL)
+    for a, b in zip(dense, sparse):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        assert np.isfinite(a).all()
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=1e-6)
+
+
+def test_config_table_file_is_read(tmp_path, monkeypatch):
+    import dataclasses
+    import json
+
+    from cce_jax import cce as cce_lib
+
+    entry = {"device_kind": jax.devices()[0].device_kind, "shape_class": cce_lib.shape_class(24, jnp.float32),
+             "config": {"forward": dataclasses.asdict(SMALL.forward), "backward": dataclasses.asdict(SMALL.backward),
+                        "dense_fraction": 0.5}}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps({"entries": [entry]}))
+    monkeypatch.setenv(cce_lib.TUNING_FILE_ENV, str(path))
+    assert cce_lib.default_config(24, jnp.float32) == dataclasses.replace(SMALL, dense_fraction=0.5)
+    assert cce_lib.default_config(4096, jnp.bfloat16) in set(cce_lib.TUNED.values()) | {cce_lib.DEFAULT}
