@@ -38,13 +38,16 @@ class KernelConfig:
       backward: tiles, warps and stages of the backward kernels; its ``chunk_v`` is an upper bound.
       grad_buffer_bytes: budget for the (N, chunk_v) gradient buffer; ``chunk_v`` shrinks to fit it.
       dense_fraction: a chunk in which more than this fraction of gradient tiles survives filtering is
-        multiplied by XLA's dense matmul instead of the block-sparse kernels (faster when little is skipped).
+        multiplied by XLA's dense matmul instead of the block-sparse kernels. 1.0 (the default) turns the
+        fallback off. On LM-like data 0.25 was faster on an H200 (gemma2 shape: 79 ms instead of 106 ms), but the
+        run-time choice makes XLA copy dC once (+1.2 GB temporary at that shape) and slowed flat data
+        (benchmarks/results.md).
     """
 
     forward: ForwardConfig = ForwardConfig()
     backward: BackwardConfig = BackwardConfig()
     grad_buffer_bytes: int = 128 * 2**20
-    dense_fraction: float = 0.25
+    dense_fraction: float = 1.0
 
     def __post_init__(self):
         for name, block in (
@@ -222,7 +225,11 @@ def _token_stats_bwd(spec: LogitSpec, bwd: BackwardOptions, config: KernelConfig
             g_w = dense_input()
             return dense_de(g_w, c_w, de), *dense_dc(g_w, start, dc, db)
         cols_of_row, count_of_row, rows_of_col, count_of_col = live_lists(live)
-        dense = jnp.mean(live.astype(jnp.float32)) > config.dense_fraction
+        if config.dense_fraction >= 1.0:
+            # No conditional at all: a cond whose branch updates dC in place makes XLA copy dC (V x D).
+            dense = None
+        else:
+            dense = jnp.mean(live.astype(jnp.float32)) > config.dense_fraction
 
         def sparse_de(de):
             return accumulate_de(g, cols_of_row, count_of_row, c, v_start, de, p=p, cfg=cfg, interpret=interpret)
@@ -230,14 +237,18 @@ def _token_stats_bwd(spec: LogitSpec, bwd: BackwardOptions, config: KernelConfig
         def sparse_dc(dc, db):
             return write_dc(g, rows_of_col, count_of_col, e, v_start, dc, db, p=p, cfg=cfg, interpret=interpret)
 
-        if bwd.filters_e:
-            de = lax.cond(dense, lambda de: dense_de(dense_input(), c_w, de), sparse_de, de)
-        else:
+        if not bwd.filters_e:
             de = dense_de(dense_input(), c_w, de)
-        if bwd.filters_c:
-            dc, db = lax.cond(dense, lambda dc, db: dense_dc(dense_input(), start, dc, db), sparse_dc, dc, db)
+        elif dense is None:
+            de = sparse_de(de)
         else:
+            de = lax.cond(dense, lambda de: dense_de(dense_input(), c_w, de), sparse_de, de)
+        if not bwd.filters_c:
             dc, db = dense_dc(dense_input(), start, dc, db)
+        elif dense is None:
+            dc, db = sparse_dc(dc, db)
+        else:
+            dc, db = lax.cond(dense, lambda dc, db: dense_dc(dense_input(), start, dc, db), sparse_dc, dc, db)
         return de, dc, db
 
     carry = (jnp.zeros(e.shape, de_dtype), jnp.zeros(c.shape, c.dtype), jnp.zeros(db_shape, jnp.float32))

@@ -21,8 +21,8 @@ from pallas_kernels.lse_forward import ForwardConfig
 from pallas_kernels.tiles import Problem
 from tests.reference import Tolerance, check_against_reference, make_inputs
 
-# dense_fraction=1.0: filtered chunks always go through the block-sparse products (the dense fallback has its
-# own test below).
+# dense_fraction=1.0 (the default): filtered chunks always go through the block-sparse products (the dense
+# fallback has its own test below).
 SMALL = KernelConfig(
     forward=ForwardConfig(block_n=16, block_v=32, block_d=16),
     backward=BackwardConfig(block_n=16, block_v=32, block_d=16, block_dout=16, block_vout=16, chunk_v=64),
