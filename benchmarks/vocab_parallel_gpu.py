@@ -109,7 +109,7 @@ def main(argv=None):
     log(f"{len(devices)} x {devices[0].device_kind}, jax {jax.__version__}")
     result = {"devices": [d.device_kind for d in devices], "jax": jax.__version__,
               "correctness": correctness(mesh, len(devices), log),
-              "timing": timing(mesh, args.shapes.split(","), args.impls.split(","), log)}
+              "timing": timing(mesh, [s for s in args.shapes.split(",") if s], args.impls.split(","), log)}
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
