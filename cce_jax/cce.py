@@ -54,11 +54,11 @@ class KernelConfig:
             ("forward.block_n", self.forward.block_n), ("forward.block_v", self.forward.block_v),
             ("forward.block_d", self.forward.block_d), ("backward.block_n", self.backward.block_n),
             ("backward.block_v", self.backward.block_v), ("backward.block_d", self.backward.block_d),
-            ("backward.block_dout", self.backward.block_dout), ("backward.block_vout", self.backward.block_vout),
+            ("backward.block_dout", self.backward.block_dout), ("backward.block_vout", self.backward.vout),
         ):
             if block < 16 or block & (block - 1):
                 raise ValueError(f"KernelConfig.{name} must be a power of two >= 16, got {block}")
-        if self.backward.block_vout > self.backward.block_v:
+        if self.backward.vout > self.backward.block_v:
             raise ValueError(
                 f"KernelConfig.backward.block_vout ({self.backward.block_vout}) must divide backward.block_v "
                 f"({self.backward.block_v})"

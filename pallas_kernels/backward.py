@@ -38,8 +38,8 @@ class BackwardConfig:
     Attributes:
       block_n, block_v, block_d: logits tile and its reduction slice in :func:`logit_grad`.
       block_dout: width of the dE / dC output tiles owned by one program of the products.
-      block_vout: classifier rows owned by one program of :func:`write_dc` (divides block_v), so the dC
-        accumulator stays small when the gradient tiles are wide.
+      block_vout: classifier rows owned by one program of :func:`write_dc` (divides block_v; None means
+        block_v), so the dC accumulator stays small when the gradient tiles are wide.
       chunk_v: vocabulary columns per chunk (a multiple of block_v); the (N, chunk_v) gradient buffer is the
         backward's main temporary.
     """
@@ -48,12 +48,16 @@ class BackwardConfig:
     block_v: int = 128
     block_d: int = 64
     block_dout: int = 128
-    block_vout: int = 128
+    block_vout: int | None = None
     chunk_v: int = 8192
     grad_warps: int = 4
     grad_stages: int = 3
     product_warps: int = 4
     product_stages: int = 3
+
+    @property
+    def vout(self) -> int:
+        return self.block_vout or self.block_v
 
 
 def _params(warps, stages):
@@ -196,7 +200,7 @@ def accumulate_de(g, cols_of_row, count_of_row, c, v_start, de, *, p: Problem, c
 def _write_dc_kernel(vs_ref, g_ref, rows_ref, count_ref, e_ref, dc_in_ref, db_in_ref, dc_ref, db_ref, *,
                      p: Problem, cfg: BackwardConfig):
     del dc_in_ref, db_in_ref  # aliased with the outputs
-    bn, bv, bo = cfg.block_n, cfg.block_vout, cfg.block_dout
+    bn, bv, bo = cfg.block_n, cfg.vout, cfg.block_dout
     j, k = pl.program_id(0), pl.program_id(1)
     tile = j // (cfg.block_v // bv)  # the gradient tile column (and filter flag column) holding rows j
     v0, d0 = vs_ref[0] + j * bv, k * bo
@@ -237,7 +241,7 @@ def write_dc(g, rows_of_col, count_of_col, e, v_start, dc, db, *, p: Problem, cf
     return pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct(dc.shape, dc.dtype), jax.ShapeDtypeStruct(db.shape, db.dtype)),
-        grid=(cfg.chunk_v // cfg.block_vout, tiles.cdiv(p.d, cfg.block_dout)),
+        grid=(cfg.chunk_v // cfg.vout, tiles.cdiv(p.d, cfg.block_dout)),
         input_output_aliases={5: 0, 6: 1},
         compiler_params=_params(cfg.product_warps, cfg.product_stages),
         interpret=interpret,
