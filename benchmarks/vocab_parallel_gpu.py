@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,18 +20,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import cce_jax
+from cce_jax.autotune import median_ms
 
 SHAPES = {"gemma2": (8192, 2304, 256000), "llama3": (8192, 4096, 128256)}
-
-
-def _median_ms(fn, *args, iters=10):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _step(mesh, impl, vocab_size):
@@ -85,7 +74,7 @@ def timing(mesh, shapes, impls, log):
                 cc = jax.device_put(c, NamedSharding(mesh, P("vocab", None))) if sharded else c
                 fn = _step(mesh if sharded else None, impl, v)
                 try:
-                    ms = _median_ms(fn, e, cc, t)
+                    ms = median_ms(fn, e, cc, t)
                     stats = [dev.memory_stats() or {} for dev in (mesh.devices.flat if sharded else [jax.devices()[0]])]
                     peak = [s.get("peak_bytes_in_use", 0) / 2**20 for s in stats]
                     temp = fn.lower(e, cc, t).compile().memory_analysis().temp_size_in_bytes / 2**20

@@ -15,7 +15,6 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax import lax
 
 from cce_jax import dense as dense_lib
 from cce_jax import options as options_lib
@@ -80,7 +79,7 @@ def _validate(e, c, targets, bias, weights, *, classifier_layout, reduction, sof
     if classifier_layout not in _LAYOUTS:
         raise ValueError(f'classifier_layout must be "vd" (c is (V, D)) or "dv" (c is (D, V)), got {classifier_layout!r}')
     if e.ndim < 1:
-        raise ValueError(f"e must have shape (..., D), got a scalar")
+        raise ValueError("e must have shape (..., D), got a scalar")
     if not _is_float_dtype(e.dtype):
         raise TypeError(f"e must be a floating-point array, got dtype {e.dtype}")
     if c.ndim != 2:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import statistics
 import sys
@@ -43,7 +42,8 @@ BACKWARD_CANDIDATES = [
 ]
 
 
-def _median_ms(fn, *args, iters: int) -> float:
+def median_ms(fn, *args, iters: int = 10) -> float:
+    """Median wall-clock milliseconds of ``fn(*args)`` after one warm-up call."""
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(iters):
@@ -71,7 +71,7 @@ def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print) -> dict:
     best_fw, best_ms = None, float("inf")
     for fw in FORWARD_CANDIDATES:
         try:
-            ms = _median_ms(loss_fn(KernelConfig(forward=fw)), e, c, iters=iters)
+            ms = median_ms(loss_fn(KernelConfig(forward=fw)), e, c, iters=iters)
         except Exception as err:  # a candidate that does not compile (e.g. out of shared memory) is skipped
             log(f"forward {fw}: failed ({type(err).__name__}: {str(err)[:120]})")
             continue
@@ -92,7 +92,7 @@ def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print) -> dict:
                     accum_e_fp32=exact, accum_c_fp32=exact),
                 argnums=(0, 1)))
             try:
-                ms = _median_ms(fn, e, c, iters=iters)
+                ms = median_ms(fn, e, c, iters=iters)
             except Exception as err:
                 log(f"{preset} backward {bw}: failed ({type(err).__name__}: {str(err)[:120]})")
                 continue
@@ -121,7 +121,6 @@ def per_kernel(n: int, d: int, v: int, dtype, config: KernelConfig | None = None
     import optax  # noqa: PLC0415
 
     from cce_jax import cce as cce_lib  # noqa: PLC0415
-    from cce_jax.stats import LogitSpec  # noqa: PLC0415
     from pallas_kernels.backward import accumulate_de, live_lists, logit_grad, write_dc  # noqa: PLC0415
     from pallas_kernels.lse_forward import lse_forward  # noqa: PLC0415
     from pallas_kernels.tiles import Problem, cdiv  # noqa: PLC0415
@@ -135,36 +134,36 @@ def per_kernel(n: int, d: int, v: int, dtype, config: KernelConfig | None = None
     rows = {}
     ip = jax.default_backend() != "gpu"
     fw = jax.jit(lambda e, c: lse_forward(e, c, None, t, p=p, cfg=config.forward, need_sum=False, interpret=ip))
-    rows["lse_forward"] = _median_ms(fw, e, c, iters=iters)
+    rows["lse_forward"] = median_ms(fw, e, c, iters=iters)
     lse = fw(e, c)[0]
     g = jnp.full((n,), 1.0 / n, jnp.float32)
     vs = jnp.zeros((1,), jnp.int32)
     grad = jax.jit(lambda e, c, vs: logit_grad(e, c, None, t, lse, g, -g, g * 0, vs, p=p, cfg=cfg, need_sum=False,
                                               filter_eps=eps, store_all=False, interpret=ip))
-    rows[f"logit_grad x{chunks}"] = _median_ms(grad, e, c, vs, iters=iters) * chunks
+    rows[f"logit_grad x{chunks}"] = median_ms(grad, e, c, vs, iters=iters) * chunks
     gbuf, live = grad(e, c, vs)
     rows["live tile fraction (chunk 0)"] = float(live.mean())
     cols, ncols, rws, nrows = jax.jit(live_lists)(live)
     de0 = jnp.zeros((n, d), dtype)
     de_fn = jax.jit(lambda gb, c, vs, de: accumulate_de(gb, cols, ncols, c, vs, de, p=p, cfg=cfg, interpret=ip))
-    rows[f"accumulate_de (filtered) x{chunks}"] = _median_ms(de_fn, gbuf, c, vs, de0, iters=iters) * chunks
+    rows[f"accumulate_de (filtered) x{chunks}"] = median_ms(de_fn, gbuf, c, vs, de0, iters=iters) * chunks
     dc_fn = jax.jit(lambda gb, e, vs, dc, db: write_dc(gb, rws, nrows, e, vs, dc, db, p=p, cfg=cfg, interpret=ip))
     dc0, db0 = jnp.zeros(c.shape, dtype), jnp.zeros((1,), jnp.float32)
-    rows[f"write_dc (filtered) x{chunks}"] = _median_ms(dc_fn, gbuf, e, vs, dc0, db0, iters=iters) * chunks
+    rows[f"write_dc (filtered) x{chunks}"] = median_ms(dc_fn, gbuf, e, vs, dc0, db0, iters=iters) * chunks
     width = min(cfg.chunk_v, v)
     dense_de = jax.jit(lambda gb, c: jnp.dot(gb[:, :width], c[:width], preferred_element_type=jnp.float32))
-    rows[f"xla G@c chunk x{chunks}"] = _median_ms(dense_de, gbuf, c, iters=iters) * chunks
+    rows[f"xla G@c chunk x{chunks}"] = median_ms(dense_de, gbuf, c, iters=iters) * chunks
 
     def baseline(e, c):
         logits = jnp.dot(e, c.T, preferred_element_type=jnp.float32)
         return optax.softmax_cross_entropy_with_integer_labels(logits, t).mean()
 
-    rows["xla baseline fw"] = _median_ms(jax.jit(baseline), e, c, iters=iters)
-    rows["xla baseline fw-bw"] = _median_ms(jax.jit(jax.value_and_grad(baseline, argnums=(0, 1))), e, c, iters=iters)
+    rows["xla baseline fw"] = median_ms(jax.jit(baseline), e, c, iters=iters)
+    rows["xla baseline fw-bw"] = median_ms(jax.jit(jax.value_and_grad(baseline, argnums=(0, 1))), e, c, iters=iters)
     for preset in ("cce", "cce_exact"):
         fn = jax.jit(jax.value_and_grad(lambda e, c, preset=preset: cce_jax.linear_cross_entropy(
             e, c, t, impl=preset), argnums=(0, 1)))
-        rows[f"{preset} fw-bw"] = _median_ms(fn, e, c, iters=iters)
+        rows[f"{preset} fw-bw"] = median_ms(fn, e, c, iters=iters)
     for name, ms in rows.items():
         log(f"{name:40s} {ms:10.3f}")
     return rows

@@ -23,6 +23,7 @@ from jax import lax
 from cce_jax import options as options_lib
 from cce_jax.options import BackwardOptions
 from cce_jax.stats import LogitSpec, TokenStats
+from cce_jax.vma import varying_like
 from pallas_kernels import tiles
 from pallas_kernels.backward import BackwardConfig, accumulate_de, expand_live, live_lists, logit_grad, write_dc
 from pallas_kernels.lse_forward import ForwardConfig, lse_forward
@@ -251,7 +252,9 @@ def _token_stats_bwd(spec: LogitSpec, bwd: BackwardOptions, config: KernelConfig
             dc, db = lax.cond(dense, lambda dc, db: dense_dc(dense_input(), start, dc, db), sparse_dc, dc, db)
         return de, dc, db
 
-    carry = (jnp.zeros(e.shape, de_dtype), jnp.zeros(c.shape, c.dtype), jnp.zeros(db_shape, jnp.float32))
+    vary = lambda x: varying_like(x, e, c, bias, targets, lse, g_lse, g_target, g_sum)  # noqa: E731
+    carry = (vary(jnp.zeros(e.shape, de_dtype)), vary(jnp.zeros(c.shape, c.dtype)),
+             vary(jnp.zeros(db_shape, jnp.float32)))
     full_chunks, tail = divmod(p.v, cfg.chunk_v)
     if full_chunks:
         carry = lax.fori_loop(

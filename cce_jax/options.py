@@ -11,7 +11,6 @@ import dataclasses
 from typing import Literal
 
 import jax.numpy as jnp
-import numpy as np
 
 ImplName = Literal[
     "auto",

@@ -128,7 +128,8 @@ def logit_grad(e, c, bias, targets, lse, g_lse, g_target, g_sum, v_start, *, p: 
     args = [v_start, e, c] + ([] if bias is None else [bias]) + [targets, lse, g_lse, g_target, g_sum]
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((p.n, cfg.chunk_v), e.dtype), jax.ShapeDtypeStruct(grid, jnp.int32)),
+        out_shape=(tiles.out_struct((p.n, cfg.chunk_v), e.dtype, *args),
+                   tiles.out_struct(grid, jnp.int32, *args)),
         grid=grid,
         compiler_params=_params(cfg.grad_warps, cfg.grad_stages),
         interpret=interpret,
@@ -184,7 +185,7 @@ def accumulate_de(g, cols_of_row, count_of_row, c, v_start, de, *, p: Problem, c
     kernel = functools.partial(_accumulate_de_kernel, p=p, cfg=cfg)
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(de.shape, de.dtype),
+        out_shape=tiles.out_struct(de.shape, de.dtype, g, c, de),
         grid=(tiles.cdiv(p.n, cfg.block_n), tiles.cdiv(p.d, cfg.block_dout)),
         input_output_aliases={5: 0},
         compiler_params=_params(cfg.product_warps, cfg.product_stages),
@@ -240,7 +241,7 @@ def write_dc(g, rows_of_col, count_of_col, e, v_start, dc, db, *, p: Problem, cf
     kernel = functools.partial(_write_dc_kernel, p=p, cfg=cfg)
     return pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct(dc.shape, dc.dtype), jax.ShapeDtypeStruct(db.shape, db.dtype)),
+        out_shape=(tiles.out_struct(dc.shape, dc.dtype, g, e, dc, db), tiles.out_struct(db.shape, db.dtype, g, e, dc, db)),
         grid=(cfg.chunk_v // cfg.vout, tiles.cdiv(p.d, cfg.block_dout)),
         input_output_aliases={5: 0, 6: 1},
         compiler_params=_params(cfg.product_warps, cfg.product_stages),

@@ -80,11 +80,11 @@ def lse_forward(
     ``targets`` holds local column ids; ``-1`` (or any id outside [0, V)) gives a target logit of 0.
     ``sum_logits`` is zeros unless ``need_sum``.
     """
-    out = jax.ShapeDtypeStruct((p.n,), jnp.float32)
     kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum)
     if bias is None:
         kernel = functools.partial(_without_bias, kernel)
     args = (e, c, targets) if bias is None else (e, c, bias, targets)
+    out = tiles.out_struct((p.n,), jnp.float32, *args)
     return pl.pallas_call(
         kernel,
         out_shape=(out, out, out),

@@ -35,6 +35,14 @@ class Problem:
     has_bias: bool = False
 
 
+def out_struct(shape, dtype, *like: jax.Array | None) -> jax.ShapeDtypeStruct:
+    """An output shape that varies over the manual mesh axes of the arrays ``like`` (inside ``shard_map``),
+    so a kernel called on per-device shards type-checks under ``check_vma``; outside it nothing varies."""
+    mats = [jax.typeof(x).mat for x in like if x is not None]
+    varying = frozenset().union(*(m.varying for m in mats))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mats[0].update(varying=varying))
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 

@@ -56,3 +56,24 @@ def test_tuned_table_configs_lower_for_cuda(config):
     text = _lower(4096, 2304, 32000, jnp.bfloat16, impl=config)
     for name in KERNEL_NAMES:
         assert name in text
+
+
+def test_kernels_lower_inside_shard_map_with_check_vma():
+    """The kernels' outputs declare the manual axes they vary over, so value_and_grad inside
+    ``shard_map(check_vma=True)`` type-checks and lowers for CUDA (without it, lowering raises)."""
+    from functools import partial
+
+    from jax.sharding import PartitionSpec as P
+
+    def f(e, c, t):
+        @partial(jax.shard_map, in_specs=(P(), P(), P()), out_specs=P())
+        def sharded(e, c, t):
+            e = jax.lax.pcast(e, "x", to="varying")  # this device's tokens
+            loss = cce_jax.linear_cross_entropy(e, c, t, impl="cce", interpret=False, reduction="sum")
+            return jax.lax.psum(loss, "x")
+
+        return jax.value_and_grad(lambda e, c: sharded(e, c, t), argnums=(0, 1))(e, c)
+
+    text = lower_for_cuda(f, S((64, 48), jnp.bfloat16), S((301, 48), jnp.bfloat16), S((64,), jnp.int32))
+    for name in KERNEL_NAMES:
+        assert name in text
