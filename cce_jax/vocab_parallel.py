@@ -32,8 +32,10 @@ scalar ``pmax``).
 ``shard_map(check_vma=True)`` (JAX's default) is what keeps the backward at one dE ``psum``: ``e`` and ``c`` are
 cast to vary over the same mesh axes before the implementation is called, so the transposes of those casts are
 exactly the dE sum over the vocabulary axis and, for a classifier replicated over data axes, the dC sum over
-them. Implementations must then declare varying axes on their loop carries and kernel outputs; the pure-JAX ones
-do. With ``check_vma=False`` results are the same and the backward adds one all-reduce of per-token scalars.
+them. Implementations must then declare varying axes on their loop carries and kernel outputs; all of them do
+(the Pallas kernels through their output types), but jax 0.11.2's Pallas interpreter rejects varying axes, so
+kernels in interpret mode need ``check_vma=False``. Results are then the same and the backward adds one
+all-reduce of per-token scalars.
 
 Under ``jax.jit`` with sharded arrays, :func:`sharded_linear_cross_entropy` wraps the above in ``shard_map`` so
 neither the classifier nor the logits are ever gathered.
