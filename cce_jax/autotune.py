@@ -132,7 +132,7 @@ def per_kernel(n: int, d: int, v: int, dtype, config: KernelConfig | None = None
     chunks = cdiv(v, cfg.chunk_v)
     eps = float(jnp.finfo(dtype).eps) / 32
     rows = {}
-    ip = jax.default_backend() != "gpu"
+    ip = cce_lib.resolve_interpret(None)
     fw = jax.jit(lambda e, c: lse_forward(e, c, None, t, p=p, cfg=config.forward, need_sum=False, interpret=ip))
     rows["lse_forward"] = median_ms(fw, e, c, iters=iters)
     lse = fw(e, c)[0]

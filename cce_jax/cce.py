@@ -137,11 +137,16 @@ def default_config(d: int, dtype) -> KernelConfig:
     return DEFAULT
 
 
+def resolve_interpret(interpret: bool | None) -> bool:
+    """``interpret=None`` means Pallas interpret mode exactly when no GPU is present."""
+    return jax.default_backend() != "gpu" if interpret is None else bool(interpret)
+
+
 def kernels_preferred(dtype, interpret: bool | None) -> bool:
     """``impl="auto"`` runs the kernels on GPUs (compiled) for the dtypes they support."""
     return (
-        not interpret
-        and jax.default_backend() == "gpu"
+        jax.default_backend() == "gpu"
+        and not resolve_interpret(interpret)
         and jnp.dtype(dtype) in options_lib.SUPPORTED_DTYPES
     )
 
@@ -281,8 +286,6 @@ def token_stats(
     config: KernelConfig | None = None,
     interpret: bool | None = None,
 ) -> TokenStats:
-    if interpret is None:
-        interpret = jax.default_backend() != "gpu"
     if config is None:
         config = default_config(e.shape[1], e.dtype)
-    return _token_stats(e, c, bias, targets, spec, backward, config, bool(interpret))
+    return _token_stats(e, c, bias, targets, spec, backward, config, resolve_interpret(interpret))

@@ -540,8 +540,7 @@ def _tracks_varying_axes(impl, dtype, interpret) -> bool:
     """Whether an implementation runs under ``shard_map(check_vma=True)``: the pure-JAX ones and the compiled
     kernels do; the kernels in Pallas interpret mode do not (jax 0.11.2's interpreter rejects varying axes)."""
     from cce_jax.api import _resolve_impl  # noqa: PLC0415
+    from cce_jax.cce import resolve_interpret  # noqa: PLC0415
 
     name, _ = _resolve_impl(impl, dtype, interpret)
-    if name in ("dense", "xla"):
-        return True
-    return not (interpret if interpret is not None else jax.default_backend() != "gpu")
+    return name in ("dense", "xla") or not resolve_interpret(interpret)
