@@ -57,8 +57,11 @@ SHAPES = {
     "gemma2": (8192, 2304, 256000),
     "llama3": (8192, 4096, 128256),
     "small": (512, 256, 4099),
+    "llama3-65k": (65536, 4096, 128256),
 }
-DATA_RECIPES = ("flat", "peaked", "lm")
+DATA_RECIPES = ("flat", "peaked", "lm", "lm-loose", "lm-sorted")
+LM_RECIPES = ("lm", "lm-loose", "lm-sorted")
+LM_LOOSE_ORDER_NOISE = 2.0
 KINDS = ("fw", "fw-bw")
 TOLERANCES = {
     "bf16": (1e-4, 1e-2),
@@ -139,12 +142,18 @@ def make_data(recipe: str, n: int, d: int, v: int, dtype: torch.dtype, seed: int
         e, c = randn(n, d) * d**-0.25, randn(v, d) * d**-0.25
         m = min(n, v)
         c[:m] = e[:m]
-    elif recipe == "lm":
+    elif recipe in LM_RECIPES:
         k = lm_prior_features(d)
         e = randn(n, d)
         e[:, :k] = 1.0
         c = randn(v, d) * (LM_NOISE_STD / math.sqrt(d - k))
-        ranks = torch.randperm(v, generator=gen, device=device).float() + 1.0
+        if recipe == "lm":
+            ranks = torch.randperm(v, generator=gen, device=device).float() + 1.0
+        elif recipe == "lm-sorted":
+            ranks = torch.arange(1, v + 1, device=device).float()
+        else:
+            key = torch.log1p(torch.arange(v, device=device).float()) + LM_LOOSE_ORDER_NOISE * randn(v)
+            ranks = torch.argsort(torch.argsort(key)).float() + 1.0
         c[:, :k] = (-LM_ZIPF_EXPONENT * torch.log(ranks) / k)[:, None]
     else:
         raise ValueError(f"unknown data recipe {recipe!r}")
@@ -160,7 +169,7 @@ def make_data(recipe: str, n: int, d: int, v: int, dtype: torch.dtype, seed: int
         entropy.append(-(p * logp).sum(-1))
         top.append(p.max(-1).values)
         dense += float((p >= eps).sum())
-        if recipe == "lm":  # Gumbel-max: a draw from each row's softmax
+        if recipe in LM_RECIPES:  # Gumbel-max: a draw from each row's softmax
             u = torch.rand(z.shape, generator=gen, device=device).clamp_(min=1e-30)
             targets[i:j] = torch.argmax(z - torch.log(-torch.log(u)), dim=-1)
         del z, logp, p

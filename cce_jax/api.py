@@ -20,11 +20,13 @@ from cce_jax import dense as dense_lib
 from cce_jax import options as options_lib
 from cce_jax import xla as xla_lib
 from cce_jax.options import VocabParallelOptions
-from cce_jax.stats import LogitSpec, TokenStats
+from cce_jax.stats import LogitSpec, LossCoefficients, TokenStats
 from cce_jax.vma import align_varying
 
 Reduction = Literal["mean", "sum", "none"]
+GradPath = Literal["auto", "three_pass", "recompute"]
 _REDUCTIONS = ("mean", "sum", "none")
+_GRAD_PATHS = ("auto", "three_pass", "recompute")
 _LAYOUTS = ("vd", "dv")
 
 
@@ -127,6 +129,24 @@ def _validate(e, c, targets, bias, weights, *, classifier_layout, reduction, sof
     return vocab
 
 
+def _check_training_options(z_loss, grad_path, max_temp_bytes) -> tuple[float, str, int | None]:
+    if isinstance(z_loss, jax.core.Tracer):
+        raise TypeError("z_loss must be a static Python float (it shapes the computation), got a traced value")
+    if isinstance(z_loss, (bool, np.bool_)) or not isinstance(z_loss, (numbers.Real, np.floating)):
+        raise TypeError(f"z_loss must be a float >= 0, got {z_loss!r}")
+    if not z_loss >= 0:
+        raise ValueError(f"z_loss must be a float >= 0, got {z_loss!r}")
+    if not isinstance(grad_path, str) or grad_path not in _GRAD_PATHS:
+        raise ValueError(f'grad_path must be one of "auto", "three_pass", "recompute", got {grad_path!r}')
+    if max_temp_bytes is not None:
+        if isinstance(max_temp_bytes, (bool, np.bool_)) or not isinstance(max_temp_bytes, (numbers.Integral, np.integer)):
+            raise TypeError(f"max_temp_bytes must be None or a positive int (bytes), got {max_temp_bytes!r}")
+        if max_temp_bytes < 1:
+            raise ValueError(f"max_temp_bytes must be None or a positive int (bytes), got {max_temp_bytes!r}")
+        max_temp_bytes = int(max_temp_bytes)
+    return float(z_loss), grad_path, max_temp_bytes
+
+
 def _resolve_impl(impl, e_dtype, interpret):
     """Returns ``(name, config)``: the implementation to run and its block config (or None for defaults)."""
     if isinstance(impl, xla_lib.XlaConfig):
@@ -189,6 +209,9 @@ def linear_cross_entropy(
     vocab_parallel: VocabParallelOptions | None = None,
     interpret: bool | None = None,
     check_targets: bool = False,
+    z_loss: float = 0.0,
+    grad_path: GradPath = "auto",
+    max_temp_bytes: int | None = None,
 ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Cross-entropy of ``softcap(e @ c^T + bias)`` against ``targets`` without materialising the logits.
 
@@ -226,6 +249,18 @@ def linear_cross_entropy(
         ``shard_map``.
       interpret: run Pallas kernels in interpret mode (default: only when no GPU is present).
       check_targets: raise a ``ValueError`` at run time (through a host callback) if a target is out of range.
+      z_loss: weight ``w`` of PaLM's z-loss: the loss becomes ``loss + w * R(lse^2)`` where ``R`` is the same
+        reduction over the same valid tokens and weights as the loss (per token for ``"none"``). Unlike a
+        z-loss built from ``return_lse``, it keeps a scalar loss on the three-pass training path.
+      grad_path: how a differentiated scalar loss (``"mean"`` / ``"sum"``) gets its gradient.
+        ``"three_pass"``: the forward pass computes each chunk of logits once and forms loss, dE and dC
+        from it (3 matmul passes; temporary memory one chunk of logits, see ``max_temp_bytes``).
+        ``"recompute"``: a one-pass forward saves only the lse and the backward recomputes the logits
+        (4 passes, smallest memory). ``"auto"`` (default): ``"three_pass"`` for scalar losses of the
+        ``"xla"`` and kernel implementations, ``"recompute"`` for ``reduction="none"`` and under
+        ``vocab_parallel``. Evaluation (no gradient) always runs the one-pass forward.
+      max_temp_bytes: temporary-memory budget of the three-pass path, which sizes its token chunks.
+        Default: 45% of the bytes of the gradients (dE and dC), at least 32 MiB.
 
     Returns:
       The loss (float32 scalar, or per-token for ``"none"``), and the lse if ``return_lse``.
@@ -243,6 +278,7 @@ def linear_cross_entropy(
         _check_flag(name, flag)
     if interpret is not None:
         _check_flag("interpret", interpret)
+    z_loss, grad_path, max_temp_bytes = _check_training_options(z_loss, grad_path, max_temp_bytes)
     if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallelOptions):
         raise TypeError(f"vocab_parallel must be a VocabParallelOptions or None, got {type(vocab_parallel).__name__}")
     impl_name, impl_config = _resolve_impl(impl, e.dtype, interpret)
@@ -286,6 +322,26 @@ def linear_cross_entropy(
         first_bad = jnp.where(out_of_range, tgt, 0)[jnp.argmax(out_of_range)] if num_tokens else 0
         jax.debug.callback(_raise_on_bad_targets, out_of_range.sum(), first_bad, vocab_size)
 
+    if weights is None:
+        w = valid.astype(jnp.float32)
+    else:
+        w = _shift_along_sequence(weights.astype(jnp.float32), shift, 0.0).reshape(num_tokens)
+        w = jnp.where(valid, w, 0.0)
+
+    three_pass = reduction != "none" and impl_name != "dense" and vocab_parallel is None and num_tokens > 0
+    if grad_path == "three_pass" and not three_pass:
+        raise ValueError(
+            'grad_path="three_pass" needs a scalar loss (reduction "mean" or "sum"), impl "xla" or a kernel '
+            f"preset, no vocab_parallel and at least one token; got reduction={reduction!r}, impl={impl_name!r}, "
+            f"vocab_parallel={'set' if vocab_parallel is not None else None}"
+        )
+    if three_pass and grad_path != "recompute":
+        return _scalar_loss(
+            e2, c, bias, stats_targets, w, valid, out_of_range, shape=shape, shift=shift, reduction=reduction,
+            label_smoothing=label_smoothing, z_loss=z_loss, vocab_size=vocab_size, return_lse=return_lse,
+            training=_training_fn(impl_name, impl_config, spec, backward, interpret, e2, c, max_temp_bytes),
+        )
+
     if num_tokens == 0:
         zeros = jnp.zeros((0,), jnp.float32)
         stats = TokenStats(zeros, zeros, zeros)
@@ -301,14 +357,10 @@ def linear_cross_entropy(
         # mean over the vocabulary of -log p_v = lse - sum_v z_v / V
         smooth = stats.lse - stats.sum_logits / vocab_size
         nll = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    if z_loss:
+        nll = nll + z_loss * jnp.square(stats.lse)
     nll = jnp.where(valid, nll, 0.0)
     nll = jnp.where(out_of_range, jnp.nan, nll)
-
-    if weights is None:
-        w = valid.astype(jnp.float32)
-    else:
-        w = _shift_along_sequence(weights.astype(jnp.float32), shift, 0.0).reshape(num_tokens)
-        w = jnp.where(valid, w, 0.0)
     weighted = w * nll
 
     if reduction == "none":
@@ -323,6 +375,47 @@ def linear_cross_entropy(
         return loss
     lse = _unshift(jnp.where(valid, stats.lse, 0.0), shape, shift)
     return loss, lse
+
+
+def _scalar_loss(e2, c, bias, stats_targets, w, valid, out_of_range, *, shape, shift, reduction,
+                 label_smoothing, z_loss, vocab_size, return_lse, training):
+    """A mean or sum loss as ``sum_n [a lse + b z_t + s sum z + q lse^2]`` on the three-pass path.
+
+    Each token's weight ``w'`` is its weight, divided by the weights' sum for the mean, and NaN for an
+    out-of-range target (so the loss and every gradient are NaN, never plausible numbers).
+    """
+    from cce_jax import three_pass as three_pass_lib  # noqa: PLC0415
+
+    if reduction == "mean":
+        total = w.sum()
+        w = w / jnp.where(total == 0, 1.0, total)
+    w = jnp.where(out_of_range, jnp.nan, w)
+    coeffs = LossCoefficients(
+        a=w,
+        b=-(1.0 - label_smoothing) * w,
+        s=-(label_smoothing / vocab_size) * w,
+        q=z_loss * w,
+    )
+    e2, c, bias, stats_targets, *coeffs = align_varying(e2, c, bias, stats_targets, *coeffs)
+    loss, stats = three_pass_lib.scalar_loss(e2, c, bias, stats_targets, LossCoefficients(*coeffs), training)
+    if not return_lse:
+        return loss
+    return loss, _unshift(jnp.where(valid, stats.lse, 0.0), shape, shift)
+
+
+def _training_fn(impl_name, impl_config, spec, backward, interpret, e2, c, max_temp_bytes):
+    from cce_jax import three_pass as three_pass_lib  # noqa: PLC0415
+
+    n, d = e2.shape
+    v = spec.vocab_size(c)
+    budget = max_temp_bytes or three_pass_lib.default_budget(e2.shape, c.shape, e2.dtype)
+    if impl_name == "xla":
+        return xla_lib.training_impl(n, d, v, e2.dtype, spec=spec, backward=backward,
+                                     config=impl_config or xla_lib.XlaConfig(), budget_bytes=budget)
+    from cce_jax import cce as cce_lib  # noqa: PLC0415
+
+    return cce_lib.training_impl(n, d, v, e2.dtype, spec=spec, backward=backward, config=impl_config,
+                                 interpret=interpret, budget_bytes=budget)
 
 
 def _stats_fn(impl_name, impl_config, spec, backward, interpret):

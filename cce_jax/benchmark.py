@@ -93,9 +93,16 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "gemma2": (8192, 2304, 256000),
     "llama3": (8192, 4096, 128256),
     "small": (512, 256, 4099),
+    "llama3-65k": (65536, 4096, 128256),
 }
 DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
-DATA_RECIPES = ("flat", "peaked", "lm")
+DATA_RECIPES = ("flat", "peaked", "lm", "lm-loose", "lm-sorted")
+# The LM-like recipes differ only in how token ids follow token frequency (see the module docstring).
+LM_RECIPES = ("lm", "lm-loose", "lm-sorted")
+# Standard deviation of the noise added to log(id) before ranking ids for "lm-loose".
+LM_LOOSE_ORDER_NOISE = 2.0
+# Gradient tile shapes whose live fraction (some |softmax - onehot| >= filter eps) each data set reports.
+LIVE_TILES = ((128, 128), (16, 128))
 KINDS = ("fw", "fw-bw")
 KERNEL_IMPLS = ("cce", "cce_kahan", "cce_kahan_full_c", "cce_kahan_full_e", "cce_exact")
 IMPLS = (*KERNEL_IMPLS, "xla", "dense", "baseline", "baseline_f32")
@@ -192,11 +199,17 @@ def _generate(key, *, recipe: str, n: int, d: int, v: int, dtype):
         c = jax.random.normal(k_c, (v, d), jnp.float32) * scale
         m = min(n, v)
         c = c.at[:m].set(e[:m])
-    elif recipe == "lm":
+    elif recipe in LM_RECIPES:
         k = _lm_prior_features(d)
         e = jax.random.normal(k_e, (n, d), jnp.float32).at[:, :k].set(1.0)
         c = jax.random.normal(k_c, (v, d), jnp.float32) * (LM_NOISE_STD / math.sqrt(d - k))
-        ranks = jax.random.permutation(k_r, v) + 1
+        if recipe == "lm":  # frequent tokens at random ids
+            ranks = jax.random.permutation(k_r, v) + 1
+        elif recipe == "lm-sorted":  # ids in frequency order
+            ranks = jnp.arange(1, v + 1)
+        else:  # ids loosely follow frequency: ranked by log(id) plus noise
+            key = jnp.log1p(jnp.arange(v, dtype=jnp.float32)) + LM_LOOSE_ORDER_NOISE * jax.random.normal(k_r, (v,))
+            ranks = jnp.argsort(jnp.argsort(key)) + 1
         prior = -LM_ZIPF_EXPONENT * jnp.log(ranks.astype(jnp.float32))
         c = c.at[:, :k].set(jnp.broadcast_to(prior[:, None] / k, (v, k)))
     else:
@@ -211,6 +224,9 @@ def _softmax_stats(e, c, key, *, sample: bool, eps: float):
     n, v = e.shape[0], c.shape[0]
     precision = lax.Precision.HIGHEST if e.dtype == jnp.float32 else lax.Precision.DEFAULT
 
+    block = LIVE_TILES[0][1]
+    pad = -v % block
+
     def row(args):
         e_row, k = args
         z = lax.dot_general(c, e_row, (((1,), (0,)), ((), ())), precision=precision,
@@ -219,9 +235,29 @@ def _softmax_stats(e, c, key, *, sample: bool, eps: float):
         p = jnp.exp(z - lse)
         entropy = lse - jnp.sum(p * z)
         target = jnp.argmax(z + jax.random.gumbel(k, z.shape)).astype(jnp.int32) if sample else jnp.int32(0)
-        return entropy, p.max(), jnp.sum(p >= eps, dtype=jnp.float32), target
+        return entropy, p.max(), jnp.sum(p >= eps, dtype=jnp.float32), target, p
 
-    return lax.map(row, (e, jax.random.split(key, n)), batch_size=max(1, min(n, _STATS_ELEMENTS // v)))
+    def row_blocks(args):
+        entropy, top, dense, target, p = row(args)
+        return entropy, top, dense, target, jnp.pad(p, (0, pad)).reshape(-1, block).max(axis=1)
+
+    return lax.map(row_blocks, (e, jax.random.split(key, n)), batch_size=max(1, min(n, _STATS_ELEMENTS // v)))
+
+
+def live_tile_fractions(block_max: np.ndarray, targets: np.ndarray, eps: float) -> dict[str, float]:
+    """Fraction of gradient tiles in which some ``|softmax - onehot| >= eps``, per tile shape of LIVE_TILES.
+
+    ``block_max`` is each row's largest probability per block of columns; a block holding the row's target is
+    live (its onehot entry deviates by ``1 - p``, which only a near-certain prediction brings below eps)."""
+    n, blocks = block_max.shape
+    live = block_max >= eps
+    live[np.arange(n), targets // LIVE_TILES[0][1]] = True
+    out = {}
+    for rows, cols in LIVE_TILES:
+        pad = -n % rows
+        grid = np.pad(live, ((0, pad), (0, 0))).reshape(-1, rows, blocks).any(axis=1)
+        out[f"live_{rows}x{cols}"] = float(grid.mean())
+    return out
 
 
 @dataclasses.dataclass
@@ -240,8 +276,9 @@ def make_data(recipe: str, n: int, d: int, v: int, dtype: str, seed: int) -> Dat
     gen_key, stats_key = jax.random.split(key)
     e, c, targets = _generate(gen_key, recipe=recipe, n=n, d=d, v=v, dtype=DTYPES[dtype])
     eps = options.resolve_filter_eps("auto", DTYPES[dtype])
-    entropy, top, dense, sampled = _softmax_stats(e, c, stats_key, sample=recipe == "lm", eps=eps)
-    if recipe == "lm":
+    lm = recipe in LM_RECIPES
+    entropy, top, dense, sampled, block_max = _softmax_stats(e, c, stats_key, sample=lm, eps=eps)
+    if lm:
         targets = sampled
     entropy, top, dense = (np.asarray(x, np.float64) for x in (entropy, top, dense))
     stats = {
@@ -250,6 +287,7 @@ def make_data(recipe: str, n: int, d: int, v: int, dtype: str, seed: int) -> Dat
         "top_prob_mean": float(top.mean()),
         "frac_p_ge_eps": float(dense.sum() / (n * v)),
         "filter_eps": eps,
+        **live_tile_fractions(np.asarray(block_max), np.asarray(targets), eps),
     }
     jax.block_until_ready((e, c, targets))
     return Data(e, c, targets, stats)
@@ -605,6 +643,9 @@ def data_lines(groups: Sequence[dict]) -> list[str]:
         name = g["shape"] if g["shape"] == dims else f"{g['shape']} ({dims})"
         text = (f"{name} {g['data']}: entropy {g['entropy_mean']:.2f} nats "
                 f"(std {g['entropy_std']:.2f}), top prob {g['top_prob_mean']:.3f}, p >= eps {g['frac_p_ge_eps']:.1e}")
+        live = [f"{key[5:]} {g[key]:.0%}" for key in (f"live_{r}x{c}" for r, c in LIVE_TILES) if key in g]
+        if live:
+            text += ", live tiles " + " / ".join(live)
         if g.get("drop_de") is not None:
             text += f", filter drop bound dE {g['drop_de']:.1e} dC {g['drop_dc']:.1e}"
         if g.get("ref_loss") is not None:
@@ -734,7 +775,7 @@ def _resolve(args: argparse.Namespace) -> dict:
             raise SystemExit("--n, --d and --v must be given together")
         shapes.append([f"{args.n}x{args.d}x{args.v}", *custom])
     data = _split_list(args.data, DATA_RECIPES, "--data") or list(DATA_RECIPES)
-    if "lm" in data and any(s[2] < 2 for s in shapes):
+    if any(r in LM_RECIPES for r in data) and any(s[2] < 2 for s in shapes):
         raise SystemExit("--data lm needs D >= 2 (one feature carries the vocabulary prior)")
     return {
         "shapes": shapes or [["small", *SHAPES["small"]]],

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cce_jax import options as options_lib
+from cce_jax import three_pass
 from cce_jax.options import BackwardOptions
 from cce_jax.stats import LogitSpec, TokenStats
 from cce_jax.vma import varying_like
@@ -42,13 +43,23 @@ class KernelConfig:
         multiplied by XLA's dense matmul instead of the block-sparse kernels. 1.0 (the default) turns the
         fallback off. On LM-like data 0.25 was faster on an H200 (gemma2 shape: 79 ms instead of 106 ms), but the
         run-time choice makes XLA copy dC once (+1.2 GB temporary at that shape) and slowed flat data
-        (benchmarks/results.md).
+        (benchmarks/results.md). Applies to the recompute path.
+      slab, chunk_tokens: vocabulary columns per slab and tokens per chunk of the three-pass training path
+        (:mod:`cce_jax.three_pass`); ``chunk_tokens=None`` sizes chunks from the memory budget.
+      chunk_dense_fraction: on the three-pass path, a token chunk whose fraction of live gradient tiles exceeds
+        this computes dE with XLA's dense product; below it the block-sparse kernel skips dead tiles.
+      chunk_dc_cond: make the same run-time choice for dC (XLA may then copy dC once per chunk); by default a
+        side that may filter dC always uses the block-sparse kernel.
     """
 
     forward: ForwardConfig = ForwardConfig()
     backward: BackwardConfig = BackwardConfig()
     grad_buffer_bytes: int = 128 * 2**20
     dense_fraction: float = 1.0
+    slab: int = three_pass.DEFAULT_SLAB
+    chunk_tokens: int | None = None
+    chunk_dense_fraction: float = 0.6
+    chunk_dc_cond: bool = False
 
     def __post_init__(self):
         for name, block in (
@@ -289,3 +300,40 @@ def token_stats(
     if config is None:
         config = default_config(e.shape[1], e.dtype)
     return _token_stats(e, c, bias, targets, spec, backward, config, resolve_interpret(interpret))
+
+
+def training_impl(
+    n: int,
+    d: int,
+    v: int,
+    dtype,
+    *,
+    spec: LogitSpec,
+    backward: BackwardOptions,
+    config: KernelConfig | None,
+    interpret: bool | None,
+    budget_bytes: int,
+) -> three_pass.TrainingImpl:
+    """The three-pass path with the kernels: the Pallas one-pass forward for evaluation; for training, dense
+    XLA products on sides that may not filter and, on sides that may, a per-slab choice between XLA's dense
+    products and the block-sparse Pallas products."""
+    if config is None:
+        config = default_config(d, dtype)
+    interpret = resolve_interpret(interpret)
+    sparse = None
+    if backward.filters_e or backward.filters_c:
+        sparse = three_pass.SparseProducts(
+            filter_eps=backward.filter_eps, filter_e=backward.filters_e, filter_c=backward.filters_c,
+            dense_fraction=config.chunk_dense_fraction, config=config.backward, interpret=interpret,
+            dc_cond=config.chunk_dc_cond,
+        )
+    row_align = config.backward.block_n if sparse is not None else 8
+    plan = three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, slab=config.slab,
+                                chunk=config.chunk_tokens, row_align=row_align, col_align=config.backward.block_v)
+    return three_pass.TrainingImpl(
+        forward=functools.partial(_forward, spec=spec, config=config, interpret=interpret),
+        gradients=functools.partial(three_pass.gradients, spec=spec, plan=plan,
+                                    accum_c_fp32=backward.accum_c_fp32, sparse=sparse),
+        stats_fn=functools.partial(token_stats, spec=spec, backward=backward, config=config,
+                                   interpret=interpret),
+    )

@@ -24,6 +24,21 @@ from typing import NamedTuple, Protocol
 import jax
 
 
+class LossCoefficients(NamedTuple):
+    """Per-token float32 coefficients of a scalar loss ``sum_n [a lse + b z_t + s sum_v z_v + q lse^2]``.
+
+    The semantics layer derives them from the valid mask, weights, the mean's denominator, label smoothing
+    and the z-loss weight before any logit exists; an implementation of the three-pass path
+    (:mod:`cce_jax.three_pass`) forms the logit gradient ``((a + 2 q lse) p + s) cap' + b onehot cap'`` from
+    them without knowing any option by name.
+    """
+
+    a: jax.Array
+    b: jax.Array
+    s: jax.Array
+    q: jax.Array
+
+
 class TokenStats(NamedTuple):
     lse: jax.Array
     target_logit: jax.Array

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from cce_jax import logits as logits_lib
+from cce_jax import three_pass
 from cce_jax.options import BackwardOptions
 from cce_jax.stats import LogitSpec, TokenStats
 from cce_jax.vma import varying_like
@@ -32,18 +33,24 @@ from cce_jax.vma import varying_like
 class XlaConfig:
     """Block sizes of the blockwise XLA implementation; pass as ``impl=XlaConfig(...)`` to pin them.
 
-    Larger blocks give XLA larger matmuls (faster) at the cost of one float32 (block_n, block_v) tile of
-    temporary memory per live tile.
+    ``block_n`` / ``block_v`` tile the one-pass forward and the recompute backward: larger blocks give XLA
+    larger matmuls (faster) at the cost of one float32 (block_n, block_v) tile of temporary memory.
+    ``slab`` (vocabulary columns per matmul) and ``chunk_tokens`` (tokens per chunk; default: sized from the
+    memory budget) shape the three-pass training path (:mod:`cce_jax.three_pass`).
     """
 
     block_n: int = 1024
     block_v: int = 4096
+    slab: int = three_pass.DEFAULT_SLAB
+    chunk_tokens: int | None = None
 
     def __post_init__(self):
-        for name in ("block_n", "block_v"):
+        for name in ("block_n", "block_v", "slab"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"XlaConfig.{name} must be a positive int, got {value!r}")
+        if self.chunk_tokens is not None and (not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1):
+            raise ValueError(f"XlaConfig.chunk_tokens must be None or a positive int, got {self.chunk_tokens!r}")
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -220,3 +227,25 @@ def token_stats(
     config: XlaConfig = XlaConfig(),
 ) -> TokenStats:
     return _token_stats(e, c, bias, targets, spec, backward, config)
+
+
+def training_impl(
+    n: int,
+    d: int,
+    v: int,
+    dtype,
+    *,
+    spec: LogitSpec,
+    backward: BackwardOptions,
+    config: XlaConfig,
+    budget_bytes: int,
+) -> three_pass.TrainingImpl:
+    """The three-pass path in plain XLA: dense products on every slab (no filtering: nothing is skipped)."""
+    plan = three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, slab=config.slab,
+                                chunk=config.chunk_tokens, row_align=8, col_align=128)
+    return three_pass.TrainingImpl(
+        forward=functools.partial(_forward, spec=spec, config=config),
+        gradients=functools.partial(three_pass.gradients, spec=spec, plan=plan,
+                                    accum_c_fp32=backward.accum_c_fp32),
+        stats_fn=functools.partial(token_stats, spec=spec, backward=backward, config=config),
+    )

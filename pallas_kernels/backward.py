@@ -199,7 +199,7 @@ def accumulate_de(g, cols_of_row, count_of_row, c, v_start, de, *, p: Problem, c
 
 
 def _write_dc_kernel(vs_ref, g_ref, rows_ref, count_ref, e_ref, dc_in_ref, db_in_ref, dc_ref, db_ref, *,
-                     p: Problem, cfg: BackwardConfig):
+                     p: Problem, cfg: BackwardConfig, accumulate: bool):
     del dc_in_ref, db_in_ref  # aliased with the outputs
     bn, bv, bo = cfg.block_n, cfg.vout, cfg.block_dout
     j, k = pl.program_id(0), pl.program_id(1)
@@ -221,24 +221,40 @@ def _write_dc_kernel(vs_ref, g_ref, rows_ref, count_ref, e_ref, dc_in_ref, db_in
         return acc, colsum
 
     colsum0 = jnp.zeros((bv,), jnp.float32) if p.has_bias else None
-    acc, colsum = lax.fori_loop(0, count_ref[tile], add_tile, (jnp.zeros((bv, bo), jnp.float32), colsum0))
-    out = acc.astype(dc_ref.dtype)
-    if p.layout == "vd":
-        tiles.store_2d(dc_ref, v0, bv, vmask, d0, bo, dmask, out)
+    count = count_ref[tile]
+    acc, colsum = lax.fori_loop(0, count, add_tile, (jnp.zeros((bv, bo), jnp.float32), colsum0))
+
+    def store():
+        if p.layout == "vd":
+            if accumulate:
+                prev = tiles.load_2d(dc_ref, v0, bv, vmask, d0, bo, dmask).astype(jnp.float32)
+                tiles.store_2d(dc_ref, v0, bv, vmask, d0, bo, dmask, (prev + acc).astype(dc_ref.dtype))
+            else:
+                tiles.store_2d(dc_ref, v0, bv, vmask, d0, bo, dmask, acc.astype(dc_ref.dtype))
+        else:
+            out = acc.T
+            if accumulate:
+                out = tiles.load_2d(dc_ref, d0, bo, dmask, v0, bv, vmask).astype(jnp.float32) + out
+            tiles.store_2d(dc_ref, d0, bo, dmask, v0, bv, vmask, out.astype(dc_ref.dtype))
+        if p.has_bias:
+            @pl.when(k == 0)
+            def _():
+                total = colsum + tiles.load_1d(db_ref, v0, bv, vmask) if accumulate else colsum
+                tiles.store_1d(db_ref, v0, bv, vmask, total)
+
+    if accumulate:
+        # Rows that no live tile touches keep their values and cost no memory traffic.
+        pl.when(count > 0)(store)
     else:
-        tiles.store_2d(dc_ref, d0, bo, dmask, v0, bv, vmask, out.T)
-    if p.has_bias:
-        @pl.when(k == 0)
-        def _():
-            tiles.store_1d(db_ref, v0, bv, vmask, colsum)
+        store()
 
 
-@functools.partial(jax.jit, static_argnames=("p", "cfg", "interpret"), donate_argnums=(5, 6))
+@functools.partial(jax.jit, static_argnames=("p", "cfg", "accumulate", "interpret"), donate_argnums=(5, 6))
 def write_dc(g, rows_of_col, count_of_col, e, v_start, dc, db, *, p: Problem, cfg: BackwardConfig,
-             interpret: bool = False):
+             accumulate: bool = False, interpret: bool = False):
     """Writes rows ``[v_start, v_start + chunk_v)`` of dC (and of the float32 dbias ``db``) from the live
-    tiles of ``g``."""
-    kernel = functools.partial(_write_dc_kernel, p=p, cfg=cfg)
+    tiles of ``g``; with ``accumulate`` adds into them instead, leaving rows without live tiles untouched."""
+    kernel = functools.partial(_write_dc_kernel, p=p, cfg=cfg, accumulate=accumulate)
     return pl.pallas_call(
         kernel,
         out_shape=(tiles.out_struct(dc.shape, dc.dtype, g, e, dc, db), tiles.out_struct(db.shape, db.dtype, g, e, dc, db)),

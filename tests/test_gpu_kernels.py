@@ -19,6 +19,9 @@ OPTIONS = [
     {"label_smoothing": 0.1, "reduction": "sum"},
     {"classifier_layout": "dv", "shift": 1},
     {"reduction": "none", "return_lse": True, "weights": True},
+    {"z_loss": 1e-3, "weights": True, "softcap": 30.0},
+    {"return_lse": True, "shift": 1, "bias": True},
+    {"grad_path": "recompute", "bias": True},
 ]
 
 
@@ -57,7 +60,7 @@ def _rel(a, b):
 
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(o) or "plain")
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)])
-@pytest.mark.parametrize("impl", ["cce", "cce_exact"])
+@pytest.mark.parametrize("impl", ["cce", "cce_exact", "xla"])
 def test_kernels_match_dense_on_gpu(impl, dtype, tol, opts):
     rng = np.random.default_rng(len(str(opts)))
     n, d, v = 1030, 1000, 50257  # ragged in every dimension
@@ -73,10 +76,11 @@ def test_kernels_match_dense_on_gpu(impl, dtype, tol, opts):
             assert _rel(g, r) < 4 * tol
 
 
-def test_kernels_are_deterministic_on_gpu():
+@pytest.mark.parametrize("grad_path", ["three_pass", "recompute"])
+def test_kernels_are_deterministic_on_gpu(grad_path):
     rng = np.random.default_rng(0)
     args = _inputs(rng, 4096, 2304, 65537, jnp.bfloat16, bias=True)
-    fn = _objective("cce", {"softcap": 30.0})
+    fn = _objective("cce", {"softcap": 30.0, "grad_path": grad_path})
     first = jax.tree.map(np.asarray, fn(*args.values()))
     for _ in range(2):
         again = jax.tree.map(np.asarray, fn(*args.values()))

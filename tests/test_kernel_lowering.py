@@ -40,25 +40,48 @@ def _lower(n, d, v, dtype, *, impl="cce", layout="vd", bias=False, **options):
     ],
 )
 def test_kernels_lower_for_cuda(n, d, v, dtype, impl, layout, bias, options):
-    text = _lower(n, d, v, dtype, impl=impl, layout=layout, bias=bias, **options)
+    text = _lower(n, d, v, dtype, impl=impl, layout=layout, bias=bias, grad_path="recompute", **options)
     for name in ("cce_lse_forward", "cce_logit_grad"):
         assert name in text, f"{name} missing from the lowered module"
+    # The three-pass path runs the block-sparse product of each side that may filter (none with label
+    # smoothing, whose gradient is dense), and no forward or recompute kernel.
+    text = _lower(n, d, v, dtype, impl=impl, layout=layout, bias=bias, grad_path="three_pass", **options)
+    backward = cce_lib.options_lib.backward_options(impl, filter_eps=1.0, filter_e_grad=True, filter_c_grad=True,
+                                                    accum_e_fp32=False, accum_c_fp32=False)
+    smooth = options.get("label_smoothing", 0) > 0
+    expected = {"cce_accumulate_de": backward.filters_e and not smooth,
+                "cce_write_dc": backward.filters_c and not smooth,
+                "cce_lse_forward": False, "cce_logit_grad": False}
+    for name, present in expected.items():
+        assert (name in text) == present, f"{name} {'missing from' if present else 'unexpected in'} the module"
+
+
+def test_forward_lowers_for_cuda():
+    def f(e, c, t):
+        return cce_jax.linear_cross_entropy(e, c, t, impl="cce", interpret=False, softcap=30.0)
+
+    text = lower_for_cuda(f, S((1030, 1000), jnp.bfloat16), S((50257, 1000), jnp.bfloat16), S((1030,), jnp.int32))
+    assert "cce_lse_forward" in text and "cce_logit_grad" not in text
 
 
 def test_filtered_products_lower_for_cuda():
-    text = _lower(300, 200, 1000, jnp.bfloat16, impl="cce")
+    text = _lower(300, 200, 1000, jnp.bfloat16, impl="cce", grad_path="recompute")
     for name in KERNEL_NAMES:
         assert name in text
 
 
 @pytest.mark.parametrize("config", sorted(set(cce_lib.TUNED.values()) | {cce_lib.DEFAULT}, key=repr), ids=repr)
 def test_tuned_table_configs_lower_for_cuda(config):
-    text = _lower(4096, 2304, 32000, jnp.bfloat16, impl=config)
+    text = _lower(4096, 2304, 32000, jnp.bfloat16, impl=config, grad_path="recompute")
     for name in KERNEL_NAMES:
+        assert name in text
+    text = _lower(4096, 2304, 32000, jnp.bfloat16, impl=config, grad_path="three_pass")
+    for name in ("cce_accumulate_de", "cce_write_dc"):
         assert name in text
 
 
-def test_kernels_lower_inside_shard_map_with_check_vma():
+@pytest.mark.parametrize("grad_path", ["recompute", "three_pass"])
+def test_kernels_lower_inside_shard_map_with_check_vma(grad_path):
     """The kernels' outputs declare the manual axes they vary over, so value_and_grad inside
     ``shard_map(check_vma=True)`` type-checks and lowers for CUDA (without it, lowering raises)."""
     from functools import partial
@@ -69,11 +92,13 @@ def test_kernels_lower_inside_shard_map_with_check_vma():
         @partial(jax.shard_map, in_specs=(P(), P(), P()), out_specs=P())
         def sharded(e, c, t):
             e = jax.lax.pcast(e, "x", to="varying")  # this device's tokens
-            loss = cce_jax.linear_cross_entropy(e, c, t, impl="cce", interpret=False, reduction="sum")
+            loss = cce_jax.linear_cross_entropy(e, c, t, impl="cce", interpret=False, reduction="sum",
+                                                grad_path=grad_path)
             return jax.lax.psum(loss, "x")
 
         return jax.value_and_grad(lambda e, c: sharded(e, c, t), argnums=(0, 1))(e, c)
 
     text = lower_for_cuda(f, S((64, 48), jnp.bfloat16), S((301, 48), jnp.bfloat16), S((64,), jnp.int32))
-    for name in KERNEL_NAMES:
+    names = KERNEL_NAMES if grad_path == "recompute" else ("cce_accumulate_de", "cce_write_dc")
+    for name in names:
         assert name in text

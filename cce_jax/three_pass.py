@@ -1,0 +1,395 @@
+"""The three-pass training path: loss, dE and dC from one computation of the logits.
+
+A scalar loss (reduction ``"mean"`` or ``"sum"``, with any weights, label smoothing and z-loss) is
+
+    loss = sum_n [a_n lse_n + b_n z_{n,t_n} + s_n sum_v z_nv + q_n lse_n^2]
+
+with per-token coefficients ``(a, b, s, q)`` that the semantics layer computes before any logit exists
+(:class:`cce_jax.stats.LossCoefficients`). Its gradient with respect to the logits is known as soon as the
+token's lse is:
+
+    dloss/dz_nv = ((a_n + 2 q_n lse_n) p_nv + s_n) cap'_nv + b_n [v == t_n] cap'_nv.
+
+So :func:`scalar_loss`'s ``custom_vjp`` *forward* rule (which JAX runs only when the loss is differentiated)
+walks the tokens in chunks and, for each chunk,
+
+1. computes the chunk's logits slab by slab (matmul 1) and keeps them in a buffer of the input's precision,
+   each slab stored relative to its own per-row maximum (so the entries that carry probability are stored
+   with nearly full relative precision, whatever the logits' magnitude), together with float32 per-slab row
+   maxima and sums of exponentials;
+2. combines those into the exact float32 lse, then overwrites each slab with the logit gradient G;
+3. adds ``G c`` into the chunk's dE (matmul 2) and ``G^T e_chunk`` into dC (matmul 3).
+
+No logit is computed twice, and the temporary memory is one chunk of logits (``Plan``). The backward rule
+scales the stored gradients by the incoming scalar cotangent. Per-token cotangents (a differentiated
+``return_lse``) cannot be folded in ahead of time; for those the backward adds the implementation's exact
+recompute VJP (``TrainingImpl.stats_fn``), only when such a cotangent is actually nonzero.
+
+Evaluation without gradients runs the primal function: the implementation's one-pass forward.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.custom_derivatives import SymbolicZero
+
+from cce_jax import logits as logits_lib
+from cce_jax.stats import LogitSpec, LossCoefficients, TokenStats
+from cce_jax.vma import varying_like
+
+_MIB = 1 << 20
+# Slabs are the unit of the logits matmul and of the dense gradient products: wide enough to keep cuBLAS
+# efficient, narrow enough that the float32 slab of logits is small next to the chunk buffer.
+DEFAULT_SLAB = 16384
+# Default temporary-memory budget: this fraction of the bytes of the gradients the call returns (dE, dC).
+DEFAULT_BUDGET_FRACTION = 0.45
+MIN_BUDGET_BYTES = 32 * _MIB
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How the three-pass path walks one problem.
+
+    Attributes:
+      chunk: tokens per chunk (a multiple of ``row_align``); the last chunk is padded with zero-coefficient
+        rows when ``chunk * num_chunks > N``.
+      num_chunks: number of token chunks.
+      slab: vocabulary columns per slab (a multiple of ``col_align``), the last slab may be narrower.
+    """
+
+    chunk: int
+    num_chunks: int
+    slab: int
+
+    def slabs(self, v: int) -> tuple[tuple[int, int], ...]:
+        return tuple((v0, min(self.slab, v - v0)) for v0 in range(0, v, self.slab))
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+def default_budget(e_shape, c_shape, dtype) -> int:
+    """``DEFAULT_BUDGET_FRACTION`` of the gradients' bytes (dE and dC), at least ``MIN_BUDGET_BYTES``."""
+    itemsize = jnp.dtype(dtype).itemsize
+    grad_bytes = itemsize * (e_shape[0] * e_shape[1] + c_shape[0] * c_shape[1])
+    return max(MIN_BUDGET_BYTES, int(DEFAULT_BUDGET_FRACTION * grad_bytes))
+
+
+def make_plan(n: int, d: int, v: int, dtype, *, budget_bytes: int, slab: int = DEFAULT_SLAB,
+              row_align: int = 64, col_align: int = 128, chunk: int | None = None) -> Plan:
+    """Chunk and slab sizes that keep the chunk's buffers within ``budget_bytes``.
+
+    Per token row a chunk holds its logits in the input's precision (V entries), one float32 slab of logits
+    and a float32 dE accumulator. Among the chunk counts that fit, the one that pads the fewest tokens wins.
+    """
+    itemsize = jnp.dtype(dtype).itemsize
+    slab = max(col_align, min(_round_up(slab, col_align), _round_up(v, col_align)))
+    if chunk is not None:
+        chunk = _round_up(max(1, chunk), row_align)
+        return Plan(chunk=chunk, num_chunks=-(-n // chunk), slab=slab)
+    per_row = itemsize * _round_up(v, col_align) + 4 * slab + 8 * d
+    most = max(row_align, budget_bytes // per_row // row_align * row_align)
+    fewest = -(-n // most)
+    best = None
+    for k in range(fewest, fewest + 8):
+        size = _round_up(-(-n // k), row_align)
+        if size > most:
+            continue
+        if best is None or size * k < best.chunk * best.num_chunks:
+            best = Plan(chunk=size, num_chunks=k, slab=slab)
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseProducts:
+    """Block-sparse gradient products (Pallas kernels) for the sides that may skip filtered tiles.
+
+    For every chunk its live-tile fraction decides dE's product: above ``dense_fraction`` XLA's dense
+    product, below it the block-sparse kernel that visits only live tiles. dC is accumulated in place across
+    chunks, and a run-time choice there (``dc_cond``) may make XLA copy dC, so by default a side that may
+    filter dC always uses the block-sparse kernel, which leaves rows without live tiles untouched.
+    """
+
+    filter_eps: float
+    filter_e: bool
+    filter_c: bool
+    dense_fraction: float
+    config: Any  # pallas_kernels.backward.BackwardConfig
+    interpret: bool
+    dc_cond: bool = False
+
+
+def _pad_cols(x, width: int, value):
+    if x.shape[1] == width:
+        return x
+    return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
+
+
+def _dot(a, b, contract_a: int, contract_b: int):
+    return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
+                           precision=logits_lib.matmul_precision(a.dtype), preferred_element_type=jnp.float32)
+
+
+def _slice_vocab(x, v0: int, w: int, axis: int):
+    return lax.slice_in_dim(x, v0, v0 + w, axis=axis)
+
+
+def _chunk_gradients(e_k, t_k, coeffs_k, c, bias, *, spec: LogitSpec, plan: Plan, need_de: bool,
+                     need_dc: bool, sparse: SparseProducts | None, carry):
+    """One token chunk: stats, dE rows and the chunk's contribution to dC / dbias (added into ``carry``)."""
+    dc, db = carry
+    v = spec.vocab_size(c)
+    vaxis = 0 if spec.layout == "vd" else 1
+    a, b, s, q = coeffs_k
+    rows = e_k.shape[0]
+    col_align = sparse.config.block_v if sparse is not None else 1
+    width = _round_up(v, col_align)
+    vary = lambda x: varying_like(x, e_k, t_k, c, bias, *coeffs_k)  # noqa: E731
+
+    # Pass 1: the chunk's logits, slab by slab, each slab stored relative to its own row maxima. Columns past
+    # V (padding to whole kernel tiles) hold 0, which is also their gradient.
+    buf = vary(jnp.zeros((rows, width), e_k.dtype))
+    maxima, sums = [], []
+    target = vary(jnp.zeros((rows,), jnp.float32))
+    total = vary(jnp.zeros((rows,), jnp.float32))
+    for v0, w in plan.slabs(v):
+        b_j = None if bias is None else _slice_vocab(bias, v0, w, 0)
+        z = logits_lib.logits(e_k, _slice_vocab(c, v0, w, vaxis), b_j, spec.layout, spec.softcap)
+        m = z.max(axis=1)
+        sums.append(jnp.exp(z - m[:, None]).sum(axis=1))
+        maxima.append(m)
+        hit = (v0 + jnp.arange(w))[None, :] == t_k[:, None]
+        target = target + jnp.where(hit, z, 0.0).sum(axis=1)
+        if spec.need_sum:
+            total = total + z.sum(axis=1)
+        buf = lax.dynamic_update_slice(buf, (z - m[:, None]).astype(buf.dtype), (0, v0))
+    m_all = functools.reduce(jnp.maximum, maxima)
+    lse = m_all + jnp.log(sum(sj * jnp.exp(mj - m_all) for sj, mj in zip(sums, maxima)))
+
+    # Pass 2: the logit gradient, slab by slab in place, with the column sums (dbias) and live-tile flags.
+    g_lse = a + 2.0 * q * lse
+    col_sums, live = [], []
+    for (v0, w), m in zip(plan.slabs(v), maxima):
+        rel = lax.dynamic_slice(buf, (0, v0), (rows, w)).astype(jnp.float32) + (m - lse)[:, None]
+        p = jnp.exp(rel)
+        onehot = (v0 + jnp.arange(w))[None, :] == t_k[:, None]
+        g = g_lse[:, None] * p + jnp.where(onehot, b[:, None], 0.0)
+        if spec.need_sum:
+            g = g + s[:, None]
+        if spec.softcap is not None:
+            g = g * logits_lib.softcap_grad(rel + lse[:, None], spec.softcap)
+        buf = lax.dynamic_update_slice(buf, g.astype(buf.dtype), (0, v0))
+        if bias is not None and need_dc:
+            col_sums.append(g.sum(axis=0))
+        if sparse is not None:
+            live.append(_live_tiles(jnp.abs(p - onehot.astype(jnp.float32)), sparse))
+    live = None if sparse is None else jnp.concatenate(live, axis=1)
+    col_sum = None if not col_sums else jnp.concatenate(col_sums)
+
+    # Pass 3: the products of the whole chunk.
+    de = _chunk_de(buf, c, live, v=v, vaxis=vaxis, spec=spec, sparse=sparse) if need_de else None
+    if need_dc:
+        dc, db = _chunk_dc(buf, e_k, dc, db, col_sum, live, v=v, spec=spec, sparse=sparse)
+    return TokenStats(lse, target, total), de, (dc, db)
+
+
+def _live_tiles(deviation, sparse: SparseProducts):
+    """int32 flag per (block_n, block_v) tile: whether some ``|p - onehot|`` in it reaches ``filter_eps``."""
+    bn, bv = sparse.config.block_n, sparse.config.block_v
+    rows, width = deviation.shape
+    deviation = _pad_cols(deviation, _round_up(width, bv), 0.0)
+    tile_max = deviation.reshape(rows // bn, bn, -1, bv).max(axis=(1, 3))
+    return (tile_max >= sparse.filter_eps).astype(jnp.int32)
+
+
+def _problem(g, d: int, v: int, spec: LogitSpec, has_bias: bool = False):
+    from pallas_kernels.tiles import Problem  # noqa: PLC0415
+
+    return Problem(n=g.shape[0], d=d, v=v, layout=spec.layout, softcap=spec.softcap, has_bias=has_bias)
+
+
+def _live_fraction(live):
+    return jnp.mean(live.astype(jnp.float32))
+
+
+def _chunk_de(g, c, live, *, v, vaxis, spec, sparse):
+    """float32 ``G c`` of the chunk: XLA's dense product, or the block-sparse kernel when few tiles are live."""
+    d = c.shape[1 - vaxis]
+
+    def dense():
+        return _dot(g[:, :v], c, 1, vaxis)
+
+    if sparse is None or not sparse.filter_e:
+        return dense()
+    from pallas_kernels import backward as kernels  # noqa: PLC0415
+
+    cfg = dataclasses.replace(sparse.config, chunk_v=g.shape[1])
+    cols_of_row, count_of_row, _, _ = kernels.live_lists(live)
+
+    def sparse_de():
+        zeros = varying_like(jnp.zeros((g.shape[0], d), jnp.float32), g, c)
+        return kernels.accumulate_de(g, cols_of_row, count_of_row, c, jnp.zeros((1,), jnp.int32), zeros,
+                                     p=_problem(g, d, v, spec), cfg=cfg, interpret=sparse.interpret)
+
+    return lax.cond(_live_fraction(live) > sparse.dense_fraction, dense, sparse_de)
+
+
+def _chunk_dc(g, e_k, dc, db, col_sum, live, *, v, spec, sparse):
+    """``dc + G^T e_chunk`` (and ``db`` + the column sums of G), in place in the scan carry."""
+
+    def dense(dc, db):
+        update = _dot(g[:, :v], e_k, 0, 0) if spec.layout == "vd" else _dot(e_k, g[:, :v], 0, 0)
+        dc = (dc.astype(jnp.float32) + update).astype(dc.dtype)
+        return dc, (None if db is None else db + col_sum)
+
+    if sparse is None or not sparse.filter_c:
+        return dense(dc, db)
+    from pallas_kernels import backward as kernels  # noqa: PLC0415
+
+    cfg = dataclasses.replace(sparse.config, chunk_v=g.shape[1])
+    _, _, rows_of_col, count_of_col = kernels.live_lists(live)
+
+    def sparse_dc(dc, db):
+        db_in = varying_like(jnp.zeros((1,), jnp.float32), dc) if db is None else db
+        dc, db_out = kernels.write_dc(g, rows_of_col, count_of_col, e_k, jnp.zeros((1,), jnp.int32), dc, db_in,
+                                      p=_problem(g, e_k.shape[1], v, spec, db is not None), cfg=cfg,
+                                      accumulate=True, interpret=sparse.interpret)
+        return dc, (None if db is None else db_out)
+
+    if not sparse.dc_cond:
+        return sparse_dc(dc, db)
+    return lax.cond(_live_fraction(live) > sparse.dense_fraction, dense, sparse_dc, dc, db)
+
+
+def _pad_rows(x, rows: int, value):
+    if x.shape[0] == rows:
+        return x
+    pad = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec, plan: Plan,
+              need: tuple[bool, bool, bool], accum_c_fp32: bool, sparse: SparseProducts | None = None):
+    """Per-token stats and the gradients of ``sum_n [a lse + b z_t + s sum z + q lse^2]`` (unit cotangent).
+
+    ``need`` says which of (dE, dC, dbias) to form; the others come back None. Tokens are walked in
+    ``plan.num_chunks`` chunks by a ``lax.scan``; dC (float32 if ``accum_c_fp32``, else c's dtype) and the
+    float32 dbias are its carry, so each chunk adds into them in place.
+    """
+    need_de, need_dc, need_db = need
+    need_dc = need_dc or need_db
+    n, d = e.shape
+    rows = plan.chunk * plan.num_chunks
+    e_p = _pad_rows(e, rows, 0)
+    t_p = _pad_rows(targets, rows, -1)
+    coeffs_p = LossCoefficients(*(_pad_rows(x.astype(jnp.float32), rows, 0.0) for x in coeffs))
+    split = lambda x: x.reshape((plan.num_chunks, plan.chunk) + x.shape[1:])  # noqa: E731
+    dc_dtype = jnp.float32 if accum_c_fp32 else c.dtype
+    vary = lambda x: varying_like(x, e, c, bias, targets, *coeffs)  # noqa: E731
+    dc0 = vary(jnp.zeros(c.shape, dc_dtype)) if need_dc else None
+    db0 = vary(jnp.zeros((spec.vocab_size(c),), jnp.float32)) if (need_db and bias is not None) else None
+
+    def step(carry, xs):
+        e_k, t_k, coeffs_k = xs
+        stats, de_k, carry = _chunk_gradients(
+            e_k, t_k, coeffs_k, c, bias, spec=spec, plan=plan, need_de=need_de, need_dc=need_dc, sparse=sparse, carry=carry,
+        )
+        de_k = None if de_k is None else de_k.astype(e.dtype)
+        return carry, (stats, de_k)
+
+    (dc, db), (stats, de) = lax.scan(step, (dc0, db0), (split(e_p), split(t_p), tuple(map(split, coeffs_p))))
+    unsplit = lambda x: x.reshape((rows,) + x.shape[2:])[:n]  # noqa: E731
+    stats = TokenStats(*map(unsplit, stats))
+    de = None if de is None else unsplit(de)
+    if dc is not None:
+        dc = dc.astype(c.dtype) if need[1] else None
+    dbias = None if db is None else db.astype(bias.dtype)
+    return stats, de, dc, dbias
+
+
+# --------------------------------------------------------------------------------------------------------
+# The custom VJP over a scalar loss.
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingImpl:
+    """What an implementation provides to the three-pass path.
+
+    Attributes:
+      forward: ``(e, c, bias, targets) -> TokenStats``, the one-pass forward (evaluation).
+      gradients: ``(e, c, bias, targets, coeffs, need) -> (stats, de, dc, dbias)``, e.g. :func:`gradients`
+        with the implementation's plan and products bound.
+      stats_fn: a differentiable ``(e, c, bias, targets) -> TokenStats`` (the recompute path), used only for
+        per-token cotangents of the returned stats.
+    """
+
+    forward: Callable
+    gradients: Callable
+    stats_fn: Callable
+
+
+def total_loss(stats: TokenStats, coeffs: LossCoefficients) -> jax.Array:
+    a, b, s, q = coeffs
+    lse = stats.lse
+    return jnp.sum(a * lse + b * stats.target_logit + s * stats.sum_logits + q * jnp.square(lse))
+
+
+def _perturbed(x) -> bool:
+    return x is not None and x.perturbed
+
+
+def _value(x):
+    return None if x is None else x.value
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def scalar_loss(e, c, bias, targets, coeffs: LossCoefficients, impl: TrainingImpl):
+    """``(total_loss(stats, coeffs), stats)``; under differentiation the gradient comes from the three-pass
+    forward rule. ``targets`` are local ids with -1 for tokens without a target."""
+    stats = impl.forward(e, c, bias, targets)
+    return total_loss(stats, coeffs), stats
+
+
+def _scalar_loss_fwd(e, c, bias, targets, coeffs, impl: TrainingImpl):
+    need = (_perturbed(e), _perturbed(c), _perturbed(bias))
+    ev, cv, bv, tv = _value(e), _value(c), _value(bias), _value(targets)
+    cv_coeffs = LossCoefficients(*(x.value for x in coeffs))
+    stats, de, dc, db = impl.gradients(ev, cv, bv, tv, cv_coeffs, need=need)
+    residuals = (ev, cv, bv, tv, stats, de, dc, db)
+    return (total_loss(stats, cv_coeffs), stats), residuals
+
+
+def _scale(x, g):
+    return None if x is None else (x.astype(jnp.float32) * g).astype(x.dtype)
+
+
+def _add(x, y):
+    if x is None or y is None:
+        return y if x is None else x
+    return (x.astype(jnp.float32) + y.astype(jnp.float32)).astype(x.dtype)
+
+
+def _scalar_loss_bwd(impl: TrainingImpl, residuals, cotangents):
+    e, c, bias, targets, stats, de, dc, db = residuals
+    g_total, g_stats = cotangents
+    if isinstance(g_total, SymbolicZero):
+        g_total = jnp.zeros((), jnp.float32)
+    grads = [_scale(de, g_total), _scale(dc, g_total), _scale(db, g_total)]
+    if not all(isinstance(x, SymbolicZero) for x in g_stats):
+        per_token = TokenStats(*(jnp.zeros_like(x) if isinstance(x, SymbolicZero) else x for x in g_stats))
+        _, vjp = jax.vjp(lambda e_, c_, b_: impl.stats_fn(e_, c_, b_, targets), e, c, bias)
+        grads = [_add(x, y) for x, y in zip(grads, vjp(per_token))]
+    coeff_cts = LossCoefficients(g_total * stats.lse, g_total * stats.target_logit, g_total * stats.sum_logits,
+                                 g_total * jnp.square(stats.lse))
+    return (*grads, None, coeff_cts)
+
+
+scalar_loss.defvjp(_scalar_loss_fwd, _scalar_loss_bwd, symbolic_zeros=True)
