@@ -147,27 +147,50 @@ def softcap(z: jax.Array, cap: float | None) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------------
 
 
+def pick_swizzle(p: Problem, cfg: MosaicForwardConfig, dtype) -> int:
+    """The SMEM swizzle (bytes) shared by both wgmma operands, or 0 if no supported one fits.
+
+    Mosaic GPU describes a tiled TMA copy over the whole array tiled like the SMEM buffer, so the minor dimension
+    of each array must be a multiple of the swizzle width (128, 64 or 32 bytes; wgmma has no unswizzled mode)
+    and the major one a multiple of 8 rows.
+    """
+    isz = jnp.dtype(dtype).itemsize
+    minors = [p.d, cfg.block_d] + ([p.v, cfg.block_v] if p.layout == "dv" else [])
+    for swizzle in (128, 64, 32):
+        if all((x * isz) % swizzle == 0 for x in minors):
+            return swizzle
+    return 0
+
+
 def check_supported(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig) -> None:
     """Raises NotImplementedError when the Mosaic kernel cannot run this problem (the caller uses Triton)."""
     if e.dtype not in (jnp.bfloat16, jnp.float16) or c.dtype != e.dtype:
         raise NotImplementedError(f"Mosaic forward needs bf16/fp16 e and c of one dtype, got {e.dtype}, {c.dtype}")
     if p.layout not in ("vd", "dv"):
         raise ValueError(f"unknown layout {p.layout!r}")
-    itemsize = jnp.dtype(e.dtype).itemsize
-    if (p.d * itemsize) % 16:
-        raise NotImplementedError(f"TMA needs 16-byte rows: D={p.d} must be a multiple of {16 // itemsize}")
-    if p.layout == "dv" and (p.v * itemsize) % 16:
-        raise NotImplementedError(f"TMA needs 16-byte rows: layout 'dv' needs V={p.v} % {16 // itemsize} == 0")
+    if not pick_swizzle(p, cfg, e.dtype):
+        minor = "D" if p.layout == "vd" else "D and V"
+        raise NotImplementedError(
+            f"{minor} (D={p.d}, V={p.v}) and block_d/block_v must be multiples of 16 elements for a swizzled "
+            "TMA copy")
+    if p.layout == "vd" and p.v % 8:
+        raise NotImplementedError(f"layout 'vd' needs V % 8 == 0 (TMA tiles of 8 rows), got V={p.v}")
     if p.n < cfg.block_n or p.d < cfg.block_d or p.v < cfg.tile_v:
         raise NotImplementedError(
             f"arrays smaller than one tile: N={p.n} < {cfg.block_n}, D={p.d} < {cfg.block_d} or "
             f"V={p.v} < {cfg.tile_v}")
-    if (cfg.block_d * itemsize) % 32:
-        raise NotImplementedError(f"block_d={cfg.block_d} too narrow for a swizzled {e.dtype} tile")
 
 
-def _smem_transforms(minor: int, dtype) -> tuple:
-    swizzle = plgpu.find_swizzle(minor * jnp.dtype(dtype).itemsize * 8)
+def supports(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig) -> bool:
+    """Whether :func:`lse_forward_mosaic` runs this problem (dtype and shape rules of the TMA copies)."""
+    try:
+        check_supported(e, c, p, cfg)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _smem_transforms(swizzle: int, dtype) -> tuple:
     elems = swizzle // jnp.dtype(dtype).itemsize
     return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)
 
@@ -183,24 +206,24 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
     ROW = plgpu.Layout.WGMMA.reduce(1)
     COL = plgpu.Layout.WGMMA.reduce(0)
 
-    c_tile = (W, bd) if p.layout == "vd" else (bd, W)
+    c_tile = (bv, bd) if p.layout == "vd" else (bd, bv)  # one TMA copy per compute warpgroup (<= 256 wide)
+    transforms = _smem_transforms(pick_swizzle(p, cfg, dtype), dtype)
     scratch = dict(
-        e_smem=plgpu.SMEM((S, bn, bd), dtype, transforms=_smem_transforms(bd, dtype)),
-        c_smem=plgpu.SMEM((S, *c_tile), dtype, transforms=_smem_transforms(c_tile[1], dtype)),
+        e_smem=plgpu.SMEM((S, bn, bd), dtype, transforms=transforms),
+        c_smem=plgpu.SMEM((S, cw, *c_tile), dtype, transforms=transforms),
         t_smem=plgpu.SMEM((bn,), jnp.int32),
         stat_smem=plgpu.SMEM((cw, 4, bn), jnp.float32),
         out_smem=plgpu.SMEM((3, bn), jnp.float32),
-        b_smem=plgpu.SMEM((2, W), bias_dtype) if p.has_bias else None,
-        e_bar=plgpu.Barrier(num_barriers=S),
-        c_bar=plgpu.Barrier(num_barriers=S),
+        b_smem=plgpu.SMEM((2, cw, bv), bias_dtype) if p.has_bias else None,
+        loaded=plgpu.Barrier(num_arrivals=1 + cw, num_barriers=S),  # e tile + one c tile per warpgroup
         consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=S),
         t_bar=plgpu.Barrier(num_barriers=1),
-        b_bar=plgpu.Barrier(num_barriers=2) if p.has_bias else None,
+        b_bar=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
         b_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
         merge_bar=plgpu.Barrier(num_arrivals=cw - 1, num_barriers=1) if cw > 1 else None,
     )
 
-    def body(e_smem, c_smem, t_smem, stat_smem, out_smem, b_smem, e_bar, c_bar, consumed, t_bar, b_bar,
+    def body(e_smem, c_smem, t_smem, stat_smem, out_smem, b_smem, loaded, consumed, t_bar, b_bar,
              b_consumed, merge_bar):
         wg = lax.axis_index("wg")
         n0 = lax.axis_index("n") * bn
@@ -214,12 +237,13 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
             k = lax.rem(step, kd)
             slot = lax.rem(step, S)
             v0 = v_start + j * W
-            plgpu.copy_gmem_to_smem(e_ref.at[pl.ds(n0, bn), pl.ds(k * bd, bd)], e_smem.at[slot], e_bar.at[slot])
-            if p.layout == "vd":
-                src = c_ref.at[pl.ds(v0, W), pl.ds(k * bd, bd)]
-            else:
-                src = c_ref.at[pl.ds(k * bd, bd), pl.ds(v0, W)]
-            plgpu.copy_gmem_to_smem(src, c_smem.at[slot], c_bar.at[slot])
+            plgpu.copy_gmem_to_smem(e_ref.at[pl.ds(n0, bn), pl.ds(k * bd, bd)], e_smem.at[slot], loaded.at[slot])
+            for w in range(cw):
+                if p.layout == "vd":
+                    src = c_ref.at[pl.ds(v0 + w * bv, bv), pl.ds(k * bd, bd)]
+                else:
+                    src = c_ref.at[pl.ds(k * bd, bd), pl.ds(v0 + w * bv, bv)]
+                plgpu.copy_gmem_to_smem(src, c_smem.at[slot, w], loaded.at[slot])
             if p.has_bias:
                 @pl.when(k == 0)
                 def _bias():
@@ -229,7 +253,9 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
                     def _():
                         plgpu.barrier_wait(b_consumed.at[b_slot])
 
-                    plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(v0, W)], b_smem.at[b_slot], b_bar.at[b_slot])
+                    for w in range(cw):
+                        plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(v0 + w * bv, bv)], b_smem.at[b_slot, w],
+                                                b_bar.at[b_slot])
 
         @pl.when(wg == cw)
         def _memory_wg():
@@ -258,12 +284,10 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
             def mm(acc_ref):
                 def k_step(k, carry):
                     slot = lax.rem(j * kd + k, S)
-                    plgpu.barrier_wait(e_bar.at[slot])
-                    plgpu.barrier_wait(c_bar.at[slot])
+                    plgpu.barrier_wait(loaded.at[slot])
+                    rhs = c_smem.at[slot, w]
                     if p.layout == "vd":
-                        rhs = c_smem.at[slot, pl.ds(w * bv, bv)].transpose((1, 0))
-                    else:
-                        rhs = c_smem.at[slot, :, pl.ds(w * bv, bv)]
+                        rhs = rhs.transpose((1, 0))
                     plgpu.wgmma(acc_ref, e_smem.at[slot], rhs)
                     plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(consumed.at[slot])
@@ -288,7 +312,7 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
                 if p.has_bias:
                     b_slot = lax.rem(j, 2)
                     plgpu.barrier_wait(b_bar.at[b_slot])
-                    b = plgpu.load(b_smem.at[b_slot, pl.ds(w * bv, bv)], layout=COL).astype(jnp.float32)
+                    b = plgpu.load(b_smem.at[b_slot, w], layout=COL).astype(jnp.float32)
                     plgpu.barrier_arrive(b_consumed.at[b_slot])
                     z = z + lax.broadcast_in_dim(b, z.shape, [1])
                 z = softcap(z, p.softcap)
@@ -397,6 +421,9 @@ def lse_forward_mosaic(
     if (bias is not None) != p.has_bias:
         raise ValueError("bias must be given exactly when p.has_bias")
     targets = targets.astype(jnp.int32)
+    if p.n % 8:
+        # TMA copies of e are tiled in 8-row groups over the whole array: pad e (only e, never c) to 8k rows.
+        e = jnp.pad(e, ((0, 8 - p.n % 8), (0, 0)))
     bias_dtype = None if bias is None else bias.dtype
     kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum, dtype=e.dtype, bias_dtype=bias_dtype)
     if bias is None:
