@@ -28,15 +28,21 @@ Grid and block layout
   memory (393 KB at N 8192 with 4 splits). With ``v_splits == 1`` no memory beyond the three (N,) outputs.
 
 Edges: N, V and D need not be multiples of the tiles. TMA reads outside an array are zero-filled on Hopper (and
-in the Mosaic GPU interpreter), so D padding contributes 0 to the products, padded rows are computed but never
-written, and columns >= V are set to -inf before the max/sum and excluded from the target and the sum of logits.
+in the Mosaic GPU interpreter), so D padding contributes 0 to the products and padded rows are computed but never
+written; columns >= V are set to -inf before the max/sum and excluded from the target and the sum of logits (the
+1-D bias copy may leave stale SMEM past V, which the same mask hides).
 
-Precision: bf16 and fp16 inputs only (products accumulate in float32 in wgmma). float32 inputs are rejected:
-wgmma would run them as TF32; the dispatcher keeps the Triton kernel (IEEE products) for float32.
+Precision: bf16 and fp16 inputs only (products accumulate in float32 in wgmma). float32 inputs are rejected
+(wgmma would run them as TF32): the dispatcher keeps the Triton kernel (IEEE products) for float32.
 
-TMA constraints (checked in :func:`check_supported`): row strides must be multiples of 16 bytes, i.e. D % 8 == 0
-for "vd" and V % 8 == 0 for "dv" (half precision); every array dimension must be at least its tile
-(N >= block_n, D >= block_d, V >= W). The dispatcher falls back to Triton otherwise.
+Shape rules (checked by :func:`check_supported` / :func:`supports`; the dispatcher uses Triton otherwise). Mosaic
+GPU describes a tiled TMA copy over the whole array, tiled like the swizzled SMEM buffer wgmma reads, so:
+- the minor dimension of each operand must be a multiple of the swizzle width: D % 16 == 0 (16-bit types;
+  D % 64 == 0 gets the 128-byte swizzle, D % 32 the 64-byte one, else 32-byte), and for "dv" also V % 16 == 0;
+- the major dimension must be a multiple of 8 rows: V % 8 == 0 for "vd" (50257 is not: pad the classifier once,
+  outside the step, or use Triton); N % 8 != 0 is handled by padding e (only e) to the next multiple of 8 rows,
+  a temporary copy of e;
+- every dimension at least one tile: N >= block_n, D >= block_d, V >= compute_wgs * block_v.
 """
 
 from __future__ import annotations
