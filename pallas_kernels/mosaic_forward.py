@@ -1,0 +1,461 @@
+"""Log-sum-exp forward on Pallas' Mosaic GPU backend (Hopper, sm_90): TMA + wgmma, online max/sum epilogue.
+
+Per token ``(lse, target_logit, sum_logits)`` of ``z = softcap(e @ c^T + bias)``, all float32 (N,), in one pass
+over the vocabulary, never storing a logit. Same contract as :func:`pallas_kernels.lse_forward.lse_forward`.
+
+Grid and block layout
+---------------------
+- Grid ``(cdiv(N, block_n), v_splits)`` of CTAs. CTA ``(i, s)`` owns tokens ``[i * block_n, (i + 1) * block_n)``
+  and the vocabulary tiles ``[s * T, (s + 1) * T)`` with ``T = cdiv(cdiv(V, W), v_splits)`` and the CTA tile
+  width ``W = compute_wgs * block_v`` columns.
+- Each CTA runs ``compute_wgs + 1`` warpgroups. The last one is the memory warpgroup: it streams, for every
+  vocabulary tile ``j`` and every ``block_d`` slice ``k`` of the hidden size, the ``(block_n, block_d)`` tile of
+  ``e`` and the ``(W, block_d)`` (layout "vd") or ``(block_d, W)`` (layout "dv") tile of ``c`` into a ring of
+  ``stages`` SMEM slots with TMA (one "loaded" barrier per slot and operand, one "consumed" barrier per slot that
+  every compute warpgroup arrives on after its wgmma finished reading the slot), plus the bias slice of each
+  vocabulary tile into a double buffer.
+- Compute warpgroup ``w`` owns columns ``[w * block_v, (w + 1) * block_v)`` of every CTA tile: for each
+  vocabulary tile it accumulates its ``(block_n, block_v)`` float32 logits tile over D with wgmma (e from SMEM,
+  c from SMEM, transposed view for "vd"), then folds the tile into its running statistics in registers
+  (:func:`online_update`, the flash-attention recurrence; the target logit is the column equal to the token's
+  target; the sum of logits when ``need_sum``). Only the last vocabulary tiles of the split (those that reach
+  past V) pay for the column mask.
+- At the end warpgroups ``1..compute_wgs-1`` hand their statistics to warpgroup 0 through SMEM
+  (:func:`merge_stats`), which writes one float32 per token and output through SMEM and TMA (rows >= N are
+  clipped by TMA).
+- With ``v_splits > 1`` the kernel writes per-split partial results of shape ``(v_splits, round_up(N, block_n))``
+  and XLA merges them (:func:`merge_splits`): ``3 * 4 * v_splits * round_up(N, block_n)`` bytes of temporary
+  memory (393 KB at N 8192 with 4 splits). With ``v_splits == 1`` no memory beyond the three (N,) outputs.
+
+Edges: N, V and D need not be multiples of the tiles. TMA reads outside an array are zero-filled on Hopper (and
+in the Mosaic GPU interpreter), so D padding contributes 0 to the products and padded rows are computed but never
+written; columns >= V are set to -inf before the max/sum and excluded from the target and the sum of logits (the
+1-D bias copy may leave stale SMEM past V, which the same mask hides).
+
+Precision: bf16 and fp16 inputs only (products accumulate in float32 in wgmma). float32 inputs are rejected
+(wgmma would run them as TF32): the dispatcher keeps the Triton kernel (IEEE products) for float32.
+
+Shape rules (checked by :func:`check_supported` / :func:`supports`; the dispatcher uses Triton otherwise). Mosaic
+GPU describes a tiled TMA copy over the whole array, tiled like the swizzled SMEM buffer wgmma reads, so:
+- the minor dimension of each operand must be a multiple of the swizzle width: D % 16 == 0 (16-bit types;
+  D % 64 == 0 gets the 128-byte swizzle, D % 32 the 64-byte one, else 32-byte), and for "dv" also V % 16 == 0;
+- the major dimension must be a multiple of 8 rows: V % 8 == 0 for "vd" (50257 is not: pad the classifier once,
+  outside the step, or use Triton); N % 8 != 0 is handled by padding e (only e) to the next multiple of 8 rows,
+  a temporary copy of e;
+- every dimension at least one tile: N >= block_n, D >= block_d, V >= compute_wgs * block_v.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.tiles import Problem
+
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicForwardConfig:
+    """Tiling of :func:`lse_forward_mosaic`.
+
+    Attributes:
+      block_n: tokens per CTA (a multiple of 64: wgmma's M).
+      block_v: vocabulary columns per compute warpgroup and tile (a multiple of 64, at most 256: wgmma's N).
+      block_d: hidden-size slice per pipeline step (64 for 16-bit types gives 128-byte rows, the widest swizzle).
+      stages: SMEM ring depth of the TMA pipeline (max concurrent steps).
+      compute_wgs: compute warpgroups per CTA (1 or 2), each with its own block_v columns of the CTA tile.
+      v_splits: CTAs sharing one row block, each over 1/v_splits of the vocabulary (merged by XLA when > 1).
+      approx_math: approximate exp/log/tanh (MUFU); exp2/log stay accurate to ~1e-6 relative, tanh to ~1e-3.
+    """
+
+    block_n: int = 64
+    block_v: int = 128
+    block_d: int = 64
+    stages: int = 4
+    compute_wgs: int = 2
+    v_splits: int = 1
+    approx_math: bool = False
+
+    def __post_init__(self):
+        if self.block_n % 64 or self.block_n <= 0:
+            raise ValueError(f"block_n={self.block_n} must be a positive multiple of 64")
+        if self.block_v % 64 or not 64 <= self.block_v <= 256:
+            raise ValueError(f"block_v={self.block_v} must be 64, 128, 192 or 256")
+        if self.block_d % 16 or self.block_d <= 0:
+            raise ValueError(f"block_d={self.block_d} must be a positive multiple of 16")
+        if self.stages < 2:
+            raise ValueError(f"stages={self.stages} must be at least 2")
+        if self.compute_wgs not in (1, 2):
+            raise ValueError(f"compute_wgs={self.compute_wgs} must be 1 or 2")
+        if self.v_splits < 1:
+            raise ValueError(f"v_splits={self.v_splits} must be at least 1")
+
+    @property
+    def tile_v(self) -> int:
+        """Columns of one CTA vocabulary tile."""
+        return self.compute_wgs * self.block_v
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Pure math shared with other backends: the online log-sum-exp recurrence and its merges.
+
+
+def online_update(m: jax.Array, s: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Folds a (rows, cols) tile ``z`` (masked entries -inf) into the running max ``m`` and sum ``s`` (rows,).
+
+    ``s`` is the sum of ``exp(z - m)`` over the columns seen so far. A row with no finite entry yet keeps
+    ``m = -inf, s = 0`` (no NaN from ``-inf - -inf``).
+    """
+    m_new = jnp.maximum(m, z.max(axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp2((m - m_safe) * LOG2E)
+    p = jnp.exp2(z * LOG2E - lax.broadcast_in_dim(m_safe * LOG2E, z.shape, [0]))
+    return m_new, s * alpha + p.sum(axis=1)
+
+
+def merge_stats(m_a, s_a, m_b, s_b) -> tuple[jax.Array, jax.Array]:
+    """Merges two running (max, sum) pairs over disjoint column sets."""
+    m = jnp.maximum(m_a, m_b)
+    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+    return m, s_a * jnp.exp2((m_a - m_safe) * LOG2E) + s_b * jnp.exp2((m_b - m_safe) * LOG2E)
+
+
+def finish_lse(m: jax.Array, s: jax.Array) -> jax.Array:
+    """log-sum-exp from a running (max, sum) pair; -inf where no column was seen."""
+    return m + jnp.log(s)
+
+
+def merge_splits(lse: jax.Array, zt: jax.Array, zs: jax.Array, n: int):
+    """Merges per-split partial results (splits, n_pad) into (n,) outputs (XLA, outside the kernel)."""
+    lse, zt, zs = lse[:, :n], zt[:, :n], zs[:, :n]
+    m = lse.max(axis=0)
+    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
+    out = m_safe + jnp.log(jnp.exp(lse - m_safe[None]).sum(axis=0))
+    return out, zt.sum(axis=0), zs.sum(axis=0)
+
+
+def softcap(z: jax.Array, cap: float | None) -> jax.Array:
+    return z if cap is None else cap * jnp.tanh(z * (1.0 / cap))
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def pick_swizzle(p: Problem, cfg: MosaicForwardConfig, dtype) -> int:
+    """The SMEM swizzle (bytes) shared by both wgmma operands, or 0 if no supported one fits.
+
+    Mosaic GPU describes a tiled TMA copy over the whole array tiled like the SMEM buffer, so the minor dimension
+    of each array must be a multiple of the swizzle width (128, 64 or 32 bytes; wgmma has no unswizzled mode)
+    and the major one a multiple of 8 rows.
+    """
+    isz = jnp.dtype(dtype).itemsize
+    minors = [p.d, cfg.block_d] + ([p.v, cfg.block_v] if p.layout == "dv" else [])
+    for swizzle in (128, 64, 32):
+        if all((x * isz) % swizzle == 0 for x in minors):
+            return swizzle
+    return 0
+
+
+def check_supported(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig) -> None:
+    """Raises NotImplementedError when the Mosaic kernel cannot run this problem (the caller uses Triton)."""
+    if e.dtype not in (jnp.bfloat16, jnp.float16) or c.dtype != e.dtype:
+        raise NotImplementedError(f"Mosaic forward needs bf16/fp16 e and c of one dtype, got {e.dtype}, {c.dtype}")
+    if p.layout not in ("vd", "dv"):
+        raise ValueError(f"unknown layout {p.layout!r}")
+    if not pick_swizzle(p, cfg, e.dtype):
+        minor = "D" if p.layout == "vd" else "D and V"
+        raise NotImplementedError(
+            f"{minor} (D={p.d}, V={p.v}) and block_d/block_v must be multiples of 16 elements for a swizzled "
+            "TMA copy")
+    if p.layout == "vd" and p.v % 8:
+        raise NotImplementedError(f"layout 'vd' needs V % 8 == 0 (TMA tiles of 8 rows), got V={p.v}")
+    if p.n < cfg.block_n or p.d < cfg.block_d or p.v < cfg.tile_v:
+        raise NotImplementedError(
+            f"arrays smaller than one tile: N={p.n} < {cfg.block_n}, D={p.d} < {cfg.block_d} or "
+            f"V={p.v} < {cfg.tile_v}")
+
+
+def supports(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig) -> bool:
+    """Whether :func:`lse_forward_mosaic` runs this problem (dtype and shape rules of the TMA copies)."""
+    try:
+        check_supported(e, c, p, cfg)
+    except NotImplementedError:
+        return False
+    return True
+
+
+def _smem_transforms(swizzle: int, dtype) -> tuple:
+    elems = swizzle // jnp.dtype(dtype).itemsize
+    return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)
+
+
+def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, cfg: MosaicForwardConfig,
+            need_sum: bool, dtype, bias_dtype):
+    bn, bv, bd, S, cw = cfg.block_n, cfg.block_v, cfg.block_d, cfg.stages, cfg.compute_wgs
+    W = cfg.tile_v
+    kd = cdiv(p.d, bd)
+    nvt = cdiv(cdiv(p.v, W), cfg.v_splits)  # vocabulary tiles per split
+    total = nvt * kd  # pipeline steps per CTA
+    split_out = cfg.v_splits > 1
+    ROW = plgpu.Layout.WGMMA.reduce(1)
+    COL = plgpu.Layout.WGMMA.reduce(0)
+
+    c_tile = (bv, bd) if p.layout == "vd" else (bd, bv)  # one TMA copy per compute warpgroup (<= 256 wide)
+    transforms = _smem_transforms(pick_swizzle(p, cfg, dtype), dtype)
+    scratch = dict(
+        e_smem=plgpu.SMEM((S, bn, bd), dtype, transforms=transforms),
+        c_smem=plgpu.SMEM((S, cw, *c_tile), dtype, transforms=transforms),
+        t_smem=plgpu.SMEM((bn,), jnp.int32),
+        stat_smem=plgpu.SMEM((cw, 4, bn), jnp.float32),
+        out_smem=plgpu.SMEM((3, bn), jnp.float32),
+        b_smem=plgpu.SMEM((2, cw, bv), bias_dtype) if p.has_bias else None,
+        loaded=plgpu.Barrier(num_arrivals=1 + cw, num_barriers=S),  # e tile + one c tile per warpgroup
+        consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=S),
+        t_bar=plgpu.Barrier(num_barriers=1),
+        b_bar=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
+        b_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
+        merge_bar=plgpu.Barrier(num_arrivals=cw - 1, num_barriers=1) if cw > 1 else None,
+    )
+
+    def body(e_smem, c_smem, t_smem, stat_smem, out_smem, b_smem, loaded, consumed, t_bar, b_bar,
+             b_consumed, merge_bar):
+        wg = lax.axis_index("wg")
+        n0 = lax.axis_index("n") * bn
+        split = lax.axis_index("split") if split_out else 0
+        tile0 = split * nvt  # first vocabulary tile of this split
+        v_start = tile0 * W
+
+        # ---------------- memory warpgroup: TMA producer ----------------
+        def issue(step):
+            j = lax.div(step, kd)
+            k = lax.rem(step, kd)
+            slot = lax.rem(step, S)
+            v0 = v_start + j * W
+            plgpu.copy_gmem_to_smem(e_ref.at[pl.ds(n0, bn), pl.ds(k * bd, bd)], e_smem.at[slot], loaded.at[slot])
+            for w in range(cw):
+                if p.layout == "vd":
+                    src = c_ref.at[pl.ds(v0 + w * bv, bv), pl.ds(k * bd, bd)]
+                else:
+                    src = c_ref.at[pl.ds(k * bd, bd), pl.ds(v0 + w * bv, bv)]
+                plgpu.copy_gmem_to_smem(src, c_smem.at[slot, w], loaded.at[slot])
+            if p.has_bias:
+                @pl.when(k == 0)
+                def _bias():
+                    b_slot = lax.rem(j, 2)
+
+                    @pl.when(j >= 2)
+                    def _():
+                        plgpu.barrier_wait(b_consumed.at[b_slot])
+
+                    for w in range(cw):
+                        plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(v0 + w * bv, bv)], b_smem.at[b_slot, w],
+                                                b_bar.at[b_slot])
+
+        @pl.when(wg == cw)
+        def _memory_wg():
+            if cw > 1:
+                plgpu.set_max_registers(40, action="decrease")
+            plgpu.copy_gmem_to_smem(t_ref.at[pl.ds(n0, bn)], t_smem, t_bar.at[0])
+            for step in range(min(S, total)):
+                issue(jnp.int32(step))
+
+            @pl.loop(min(S, total), total)
+            def _steady(step):
+                plgpu.barrier_wait(consumed.at[lax.rem(step, S)])
+                issue(step)
+
+            # Drain: observe every completion of the barriers this warpgroup waits on (the interpreter checks
+            # this at deallocation; on the GPU it only delays this warpgroup's exit).
+            for step in range(max(total - S, 0), total):
+                plgpu.barrier_wait(consumed.at[step % S])
+            if p.has_bias:
+                for j in range(max(nvt - 2, 0), nvt):
+                    plgpu.barrier_wait(b_consumed.at[j % 2])
+
+        # ---------------- compute warpgroups ----------------
+        def logits_tile(j, w):
+            """float32 (bn, bv) tile of e @ c^T for this warpgroup's columns of vocabulary tile j (no bias)."""
+            def mm(acc_ref):
+                def k_step(k, carry):
+                    slot = lax.rem(j * kd + k, S)
+                    plgpu.barrier_wait(loaded.at[slot])
+                    rhs = c_smem.at[slot, w]
+                    if p.layout == "vd":
+                        rhs = rhs.transpose((1, 0))
+                    plgpu.wgmma(acc_ref, e_smem.at[slot], rhs)
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(consumed.at[slot])
+                    return carry
+
+                lax.fori_loop(0, kd, k_step, None)
+                return acc_ref[...]
+
+            return pl.run_scoped(mm, plgpu.ACC((bn, bv), jnp.float32))
+
+        def compute(w):
+            if cw > 1:
+                plgpu.set_max_registers(232, action="increase")
+            plgpu.barrier_wait(t_bar.at[0])
+            col0 = v_start + w * bv  # global column of this warpgroup's first column in tile 0
+            t_rel = plgpu.load(t_smem, layout=ROW) - col0  # target relative to that column
+            cols = plgpu.broadcasted_iota(jnp.int32, (bn, bv), 1, layout=plgpu.Layout.WGMMA)
+
+            def v_step(j, carry, masked: bool):
+                m, s, zt, zs = carry
+                z = logits_tile(j, w)
+                if p.has_bias:
+                    b_slot = lax.rem(j, 2)
+                    plgpu.barrier_wait(b_bar.at[b_slot])
+                    b = plgpu.load(b_smem.at[b_slot, w], layout=COL).astype(jnp.float32)
+                    plgpu.barrier_arrive(b_consumed.at[b_slot])
+                    z = z + lax.broadcast_in_dim(b, z.shape, [1])
+                z = softcap(z, p.softcap)
+                rel = lax.broadcast_in_dim(t_rel - j * W, z.shape, [0])
+                hit = cols == rel
+                if masked:
+                    valid = cols < (p.v - col0 - j * W)
+                    hit = hit & valid
+                zt = zt + jnp.where(hit, z, 0.0).sum(axis=1)
+                if need_sum:
+                    zs = zs + (jnp.where(valid, z, 0.0) if masked else z).sum(axis=1)
+                if masked:
+                    z = jnp.where(valid, z, -jnp.inf)
+                m, s = online_update(m, s, z)
+                return m, s, zt, zs
+
+            def row(x):
+                return plgpu.layout_cast(jnp.full((bn,), x, jnp.float32), ROW)
+
+            carry = (row(-jnp.inf), row(0.0), row(0.0), row(0.0))
+            # Tiles entirely below V skip the column mask.
+            n_full = jnp.clip(lax.div(p.v - v_start, W), 0, nvt) if split_out else (p.v // W)
+            carry = lax.fori_loop(0, n_full, functools.partial(v_step, masked=False), carry)
+            carry = lax.fori_loop(n_full, nvt, functools.partial(v_step, masked=True), carry)
+            return carry
+
+        def write(lse, zt, zs):
+            out_smem.at[0][...] = lse
+            out_smem.at[1][...] = zt
+            out_smem.at[2][...] = zs
+            plgpu.commit_smem()
+            for i, ref in enumerate((lse_ref, zt_ref, zs_ref)):
+                dst = ref.at[split, pl.ds(n0, bn)] if split_out else ref.at[pl.ds(n0, bn)]
+                plgpu.copy_smem_to_gmem(out_smem.at[i], dst)
+            plgpu.wait_smem_to_gmem(0)
+
+        if cw == 1:
+            @pl.when(wg == 0)
+            def _compute_wg():
+                m, s, zt, zs = compute(0)
+                write(finish_lse(m, s), zt, zs)
+        else:
+            @pl.when(wg < cw)
+            def _compute_wg():
+                m, s, zt, zs = compute(wg)
+
+                @pl.when(wg > 0)
+                def _hand_over():
+                    for i, x in enumerate((m, s, zt, zs)):
+                        stat_smem.at[wg, i][...] = x
+                    plgpu.barrier_arrive(merge_bar.at[0])
+
+                @pl.when(wg == 0)
+                def _merge_and_write():
+                    plgpu.barrier_wait(merge_bar.at[0])
+                    m0, s0, zt0, zs0 = m, s, zt, zs
+                    for other in range(1, cw):
+                        m1, s1, zt1, zs1 = (plgpu.load(stat_smem.at[other, i], layout=ROW) for i in range(4))
+                        m0, s0 = merge_stats(m0, s0, m1, s1)
+                        zt0, zs0 = zt0 + zt1, zs0 + zs1
+                    write(finish_lse(m0, s0), zt0, zs0)
+
+    _run_scoped(body, scratch)
+
+
+def _run_scoped(body, scratch: dict):
+    """``pl.run_scoped`` over the scratch dict, passing None for the entries a problem does not need."""
+    names = list(scratch)
+    present = {k: v for k, v in scratch.items() if v is not None}
+
+    def inner(**refs):
+        body(*(refs.get(k) for k in names))
+
+    pl.run_scoped(inner, **present, collective_axes="wg")
+
+
+def _resolve_interpret(interpret):
+    if interpret is True:
+        return plgpu.InterpretGPUParams()
+    if interpret is False or interpret is None:
+        return None
+    return interpret
+
+
+@functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "interpret"))
+def lse_forward_mosaic(
+    e: jax.Array,
+    c: jax.Array,
+    bias: jax.Array | None,
+    targets: jax.Array,
+    *,
+    p: Problem,
+    cfg: MosaicForwardConfig,
+    need_sum: bool,
+    interpret=False,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token ``(lse, target_logit, sum_logits)`` of ``softcap(e @ c^T + bias)``, all float32 (N,).
+
+    ``e`` is (N, D), ``c`` (V, D) for ``p.layout == "vd"`` or (D, V) for ``"dv"``, bf16 or fp16 (one dtype);
+    ``bias`` (V,) any float dtype or None (must match ``p.has_bias``); ``targets`` (N,) int32 local column ids,
+    ``-1`` (or any id outside [0, V)) gives a target logit of 0. ``sum_logits`` is zeros unless ``need_sum``.
+    ``interpret``: False (compiled, Hopper GPU), True (Mosaic GPU interpreter with default parameters) or a
+    ``plgpu.InterpretGPUParams``. See the module docstring for the grid, the block layout and the limits.
+    """
+    check_supported(e, c, p, cfg)
+    if (bias is not None) != p.has_bias:
+        raise ValueError("bias must be given exactly when p.has_bias")
+    targets = targets.astype(jnp.int32)
+    if p.n % 8:
+        # TMA copies of e are tiled in 8-row groups over the whole array: pad e (only e, never c) to 8k rows.
+        e = jnp.pad(e, ((0, 8 - p.n % 8), (0, 0)))
+    bias_dtype = None if bias is None else bias.dtype
+    kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum, dtype=e.dtype, bias_dtype=bias_dtype)
+    if bias is None:
+        kernel = functools.partial(_without_bias, kernel)
+    args = (e, c, targets) if bias is None else (e, c, bias, targets)
+    n_tiles = cdiv(p.n, cfg.block_n)
+    if cfg.v_splits > 1:
+        out = jax.ShapeDtypeStruct((cfg.v_splits, n_tiles * cfg.block_n), jnp.float32)
+    else:
+        out = jax.ShapeDtypeStruct((p.n,), jnp.float32)
+    f = plgpu.kernel(
+        kernel,
+        out_type=(out, out, out),
+        grid=(n_tiles, cfg.v_splits),
+        grid_names=("n", "split"),
+        num_threads=cfg.compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=cfg.approx_math),
+        interpret=_resolve_interpret(interpret),
+        kernel_name="cce_lse_forward_mosaic",
+    )
+    lse, zt, zs = f(*args)
+    if cfg.v_splits > 1:
+        lse, zt, zs = merge_splits(lse, zt, zs, p.n)
+    return lse, zt, zs
+
+
+def _without_bias(kernel, e_ref, c_ref, *refs):
+    return kernel(e_ref, c_ref, None, *refs)

@@ -1,0 +1,191 @@
+"""Mosaic GPU forward (pallas_kernels.mosaic_forward) on a CPU: the Mosaic GPU interpreter against a float64
+reference, and lowering for an abstract H200 (layout inference, Mosaic GPU dialect lowering, TMA descriptor
+rules and the MLIR verifier run in Python, so most GPU-only errors show up without a GPU).
+
+What neither can show: wgmma/TMA timing, register pressure (set_max_registers), ptxas errors. Those need the GPU
+check, benchmarks/mosaic_gpu_check.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
+
+from pallas_kernels import mosaic_forward as mf
+from pallas_kernels.tiles import Problem
+
+CFG = mf.MosaicForwardConfig(block_n=64, block_v=128, block_d=64, stages=3, compute_wgs=2)
+
+
+def _inputs(n, d, v, layout, dtype, has_bias, seed=0, bias_dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    e = jnp.asarray(rng.standard_normal((n, d)), dtype)
+    c = jnp.asarray(rng.standard_normal((v, d)) / np.sqrt(d), dtype)  # O(1) logits
+    if layout == "dv":
+        c = c.T
+    bias = jnp.asarray(rng.standard_normal(v) * 0.5, bias_dtype) if has_bias else None
+    t = rng.integers(0, v, n)
+    t[::7] = -1
+    t[3::11] = v + rng.integers(0, 5, len(t[3::11]))  # out of range
+    t[5] = v - 1  # last column, inside the ragged tile
+    t[6] = 2**30
+    return e, c, bias, jnp.asarray(t, jnp.int32)
+
+
+def _reference(e, c, bias, t, p: Problem):
+    """float64 (lse, target logit, sum of logits) of the (already half-rounded) inputs."""
+    e64 = np.asarray(e.astype(jnp.float32), np.float64)
+    c64 = np.asarray(c.astype(jnp.float32), np.float64)
+    z = e64 @ (c64.T if p.layout == "vd" else c64)
+    if bias is not None:
+        z = z + np.asarray(bias.astype(jnp.float32), np.float64)[None, :]
+    if p.softcap is not None:
+        z = p.softcap * np.tanh(z / p.softcap)
+    m = z.max(axis=1)
+    lse = m + np.log(np.exp(z - m[:, None]).sum(axis=1))
+    t = np.asarray(t)
+    ok = (t >= 0) & (t < p.v)
+    zt = np.where(ok, z[np.arange(p.n), np.clip(t, 0, p.v - 1)], 0.0)
+    return lse, zt, z.sum(axis=1)
+
+
+def _run_and_check(n, d, v, *, layout="vd", dtype=jnp.bfloat16, has_bias=False, softcap=None, need_sum=True,
+                   cfg=CFG, bias_dtype=jnp.float32, seed=0):
+    p = Problem(n=n, d=d, v=v, layout=layout, softcap=softcap, has_bias=has_bias)
+    e, c, bias, t = _inputs(n, d, v, layout, dtype, has_bias, seed=seed, bias_dtype=bias_dtype)
+    lse, zt, zs = mf.lse_forward_mosaic(e, c, bias, t, p=p, cfg=cfg, need_sum=need_sum, interpret=True)
+    for x in (lse, zt, zs):
+        assert x.shape == (n,) and x.dtype == jnp.float32
+    r_lse, r_zt, r_zs = _reference(e, c, bias, t, p)
+    # Products of half inputs are exact in float32 and accumulate in float32: agreement to float32 rounding.
+    np.testing.assert_allclose(np.asarray(lse), r_lse, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(zt), r_zt, rtol=1e-5, atol=1e-5)
+    if need_sum:
+        np.testing.assert_allclose(np.asarray(zs), r_zs, rtol=1e-5, atol=2e-4)
+    else:
+        np.testing.assert_array_equal(np.asarray(zs), 0.0)
+
+
+# N=70 (not a multiple of 8 or of block_n), V ragged against the 256-column CTA tile, D ragged against block_d.
+@pytest.mark.parametrize("layout,v", [("vd", 328), ("dv", 336)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_plain(layout, v, dtype):
+    _run_and_check(70, 80, v, layout=layout, dtype=dtype)
+
+
+@pytest.mark.parametrize("layout,v", [("vd", 328), ("dv", 336)])
+def test_bias_softcap(layout, v):
+    _run_and_check(70, 96, v, layout=layout, has_bias=True, softcap=3.0)
+
+
+def test_bias_half_dtype_no_sum():
+    _run_and_check(72, 128, 264, has_bias=True, bias_dtype=jnp.bfloat16, need_sum=False)
+
+
+def test_softcap_only_fp16():
+    _run_and_check(64, 64, 512, dtype=jnp.float16, softcap=2.0)
+
+
+@pytest.mark.parametrize("cfg", [
+    dataclasses.replace(CFG, compute_wgs=1),
+    dataclasses.replace(CFG, block_v=64, stages=2),
+    dataclasses.replace(CFG, v_splits=2),
+    dataclasses.replace(CFG, v_splits=3, compute_wgs=1, block_v=64),  # last split runs past V entirely
+    dataclasses.replace(CFG, block_n=128, block_d=32, stages=4),
+], ids=["1wg", "bv64-s2", "split2", "split3-1wg", "bn128-bd32"])
+def test_configs(cfg):
+    _run_and_check(140, 96, 328, has_bias=True, softcap=5.0, cfg=cfg)
+
+
+def test_single_tile_everything_masked_in_second_warpgroup():
+    # V=264 < 2 tiles: warpgroup 1 sees 8 valid columns; with v_splits=2 split 1 sees none at all.
+    _run_and_check(64, 64, 264, cfg=dataclasses.replace(CFG, v_splits=2), has_bias=True)
+
+
+def test_repeats_bit_identical():
+    p = Problem(n=70, d=80, v=328)
+    e, c, _, t = _inputs(70, 80, 328, "vd", jnp.bfloat16, False)
+    a = mf.lse_forward_mosaic(e, c, None, t, p=p, cfg=CFG, need_sum=True, interpret=True)
+    b = mf.lse_forward_mosaic(e, c, None, t, p=p, cfg=CFG, need_sum=True, interpret=True)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_pure_math_helpers():
+    z = jnp.asarray([[1.0, 2.0, -jnp.inf], [-jnp.inf, -jnp.inf, -jnp.inf]])
+    m, s = mf.online_update(jnp.full((2,), -jnp.inf), jnp.zeros(2), z)
+    assert np.isfinite(np.asarray(s)).all() and float(s[1]) == 0.0
+    np.testing.assert_allclose(float(mf.finish_lse(m, s)[0]), np.log(np.exp(1) + np.exp(2)), rtol=1e-6)
+    m2, s2 = mf.merge_stats(m, s, jnp.asarray([0.5, -jnp.inf]), jnp.asarray([1.0, 0.0]))
+    np.testing.assert_allclose(float(mf.finish_lse(m2, s2)[0]), np.log(np.exp(1) + np.exp(2) + np.exp(0.5)),
+                               rtol=1e-6)
+    assert float(s2[1]) == 0.0 and float(m2[1]) == -np.inf
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(dtype=jnp.float32), "bf16/fp16"),
+    (dict(d=1000), "multiples of 16"),  # 2000-byte rows: no 32-byte swizzle divides them
+    (dict(v=330), "V % 8"),
+    (dict(layout="dv", v=328), "multiples of 16"),
+    (dict(n=32), "smaller than one tile"),
+])
+def test_unsupported_raise(kwargs, match):
+    n, d, v = kwargs.get("n", 70), kwargs.get("d", 64), kwargs.get("v", 336)
+    layout, dtype = kwargs.get("layout", "vd"), kwargs.get("dtype", jnp.bfloat16)
+    p = Problem(n=n, d=d, v=v, layout=layout)
+    e = jnp.zeros((n, d), dtype)
+    c = jnp.zeros((v, d) if layout == "vd" else (d, v), dtype)
+    assert not mf.supports(e, c, p, CFG)
+    with pytest.raises(NotImplementedError, match=match):
+        mf.lse_forward_mosaic(e, c, None, jnp.zeros((n,), jnp.int32), p=p, cfg=CFG, need_sum=False)
+
+
+def test_config_validation():
+    for bad in (dict(block_n=96), dict(block_v=512), dict(stages=1), dict(compute_wgs=3), dict(v_splits=0)):
+        with pytest.raises(ValueError):
+            mf.MosaicForwardConfig(**bad)
+
+
+# ---------------------------------------------------------------------------------------------- CUDA lowering
+
+
+def lower_for_h200(fn, *structs) -> str:
+    """StableHLO of ``jax.jit(fn)`` lowered for CUDA on a machine without a GPU (Mosaic GPU lowers in Python)."""
+    device = AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="cuda")
+    mesh = AbstractMesh((1,), ("x",), (AxisType.Explicit,), abstract_device=device)
+    with use_abstract_mesh(mesh):
+        return jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",)).as_text()
+
+
+LOWER_CASES = [
+    # (n, d, v, layout, has_bias, softcap, need_sum, cfg)
+    (1030, 1008, 50264, "vd", False, None, False, CFG),
+    (1030, 1008, 50264, "vd", True, 30.0, True, CFG),
+    (1030, 1008, 50272, "dv", True, 30.0, True, CFG),
+    (8192, 2304, 256000, "vd", False, None, True,
+     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, v_splits=2)),
+    (8192, 4096, 128256, "vd", False, None, False,
+     mf.MosaicForwardConfig(block_n=64, block_v=256, block_d=64, stages=3, compute_wgs=1)),
+    (8192, 2304, 256000, "dv", True, 30.0, True,
+     mf.MosaicForwardConfig(block_n=64, block_v=256, block_d=64, stages=3, compute_wgs=2, approx_math=True)),
+]
+
+
+@pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: f"{c[3]}-{c[0]}x{c[1]}x{c[2]}-b{int(c[4])}")
+def test_lowers_for_h200(case):
+    n, d, v, layout, has_bias, cap, need_sum, cfg = case
+    p = Problem(n=n, d=d, v=v, layout=layout, softcap=cap, has_bias=has_bias)
+    S = jax.ShapeDtypeStruct
+    structs = [S((n, d), jnp.bfloat16), S((v, d) if layout == "vd" else (d, v), jnp.bfloat16),
+               S((v,), jnp.float32) if has_bias else None, S((n,), jnp.int32)]
+
+    def fn(e, c, b, t):
+        return mf.lse_forward_mosaic(e, c, b, t, p=p, cfg=cfg, need_sum=need_sum)
+
+    text = lower_for_h200(fn, *structs)
+    assert "mosaic_gpu" in text
