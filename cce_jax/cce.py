@@ -44,8 +44,8 @@ class KernelConfig:
         fallback off. On LM-like data 0.25 was faster on an H200 (gemma2 shape: 79 ms instead of 106 ms), but the
         run-time choice makes XLA copy dC once (+1.2 GB temporary at that shape) and slowed flat data
         (benchmarks/results.md). Applies to the recompute path.
-      slab, chunk_tokens: vocabulary columns per slab and tokens per chunk of the three-pass training path
-        (:mod:`cce_jax.three_pass`); ``chunk_tokens=None`` sizes chunks from the memory budget.
+      chunk_tokens: tokens per chunk of the three-pass training path (:mod:`cce_jax.three_pass`); None sizes
+        chunks from the memory budget. Its logits kernel uses the ``forward`` tiles.
       chunk_dense_fraction: on the three-pass path, a token chunk whose fraction of live gradient tiles exceeds
         this computes dE with XLA's dense product; below it the block-sparse kernel skips dead tiles.
       chunk_dc_cond: make the same run-time choice for dC (XLA may then copy dC once per chunk); by default a
@@ -56,7 +56,6 @@ class KernelConfig:
     backward: BackwardConfig = BackwardConfig()
     grad_buffer_bytes: int = 128 * 2**20
     dense_fraction: float = 1.0
-    slab: int = three_pass.DEFAULT_SLAB
     chunk_tokens: int | None = None
     chunk_dense_fraction: float = 0.6
     chunk_dc_cond: bool = False
@@ -74,6 +73,11 @@ class KernelConfig:
             raise ValueError(
                 f"KernelConfig.backward.block_vout ({self.backward.block_vout}) must divide backward.block_v "
                 f"({self.backward.block_v})"
+            )
+        if self.forward.block_v % self.backward.block_v:
+            raise ValueError(
+                f"KernelConfig.forward.block_v ({self.forward.block_v}) must be a multiple of backward.block_v "
+                f"({self.backward.block_v}): the three-pass path's product tiles subdivide its logits tiles"
             )
         if self.backward.chunk_v % self.backward.block_v:
             raise ValueError(
@@ -327,12 +331,13 @@ def training_impl(
             dense_fraction=config.chunk_dense_fraction, config=config.backward, interpret=interpret,
             dc_cond=config.chunk_dc_cond,
         )
-    row_align = config.backward.block_n if sparse is not None else 8
-    plan = three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, slab=config.slab,
-                                chunk=config.chunk_tokens, row_align=row_align, col_align=config.backward.block_v)
+    row_align = max(config.forward.block_n, config.backward.block_n)
+    plan = three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, chunk=config.chunk_tokens,
+                                row_align=row_align, col_align=config.forward.block_v)
+    logits = three_pass.KernelLogits(spec, config.forward, interpret)
     return three_pass.TrainingImpl(
         forward=functools.partial(_forward, spec=spec, config=config, interpret=interpret),
-        gradients=functools.partial(three_pass.gradients, spec=spec, plan=plan,
+        gradients=functools.partial(three_pass.gradients, spec=spec, plan=plan, logits=logits,
                                     accum_c_fp32=backward.accum_c_fp32, sparse=sparse),
         stats_fn=functools.partial(token_stats, spec=spec, backward=backward, config=config,
                                    interpret=interpret),

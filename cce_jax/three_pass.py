@@ -11,14 +11,16 @@ token's lse is:
     dloss/dz_nv = ((a_n + 2 q_n lse_n) p_nv + s_n) cap'_nv + b_n [v == t_n] cap'_nv.
 
 So :func:`scalar_loss`'s ``custom_vjp`` *forward* rule (which JAX runs only when the loss is differentiated)
-walks the tokens in chunks and, for each chunk,
+walks the tokens in chunks (a ``lax.scan``) and, for each chunk,
 
-1. computes the chunk's logits slab by slab (matmul 1) and keeps them in a buffer of the input's precision,
-   each slab stored relative to its own per-row maximum (so the entries that carry probability are stored
-   with nearly full relative precision, whatever the logits' magnitude), together with float32 per-slab row
-   maxima and sums of exponentials;
-2. combines those into the exact float32 lse, then overwrites each slab with the logit gradient G;
-3. adds ``G c`` into the chunk's dE (matmul 2) and ``G^T e_chunk`` into dC (matmul 3).
+1. computes the chunk's logits once (matmul 1) into a buffer, with their exact float32 statistics (lse,
+   target logit, sum of logits): the kernels store each (block_n, block_v) tile in the input's precision
+   relative to its row maxima (so every entry that carries probability keeps nearly full relative precision,
+   whatever the logits' magnitude); plain XLA keeps float32 logits;
+2. overwrites the buffer with the logit gradient G (in the input's precision);
+3. computes the chunk's dE rows ``G c`` (matmul 2) and adds ``G^T e_chunk`` into dC (matmul 3), with dense
+   XLA products or, for sides that may filter, block-sparse kernels that skip tiles whose every
+   ``|p - onehot|`` is below ``filter_eps`` (known from the statistics before G is formed).
 
 No logit is computed twice, and the temporary memory is one chunk of logits (``Plan``). The backward rule
 scales the stored gradients by the incoming scalar cotangent. Per-token cotangents (a differentiated
@@ -45,31 +47,21 @@ from cce_jax.stats import LogitSpec, LossCoefficients, TokenStats
 from cce_jax.vma import varying_like
 
 _MIB = 1 << 20
-# Slabs are the unit of the logits matmul and of the dense gradient products: wide enough to keep cuBLAS
-# efficient, narrow enough that the float32 slab of logits is small next to the chunk buffer.
-DEFAULT_SLAB = 16384
 # Default temporary-memory budget: this fraction of the bytes of the gradients the call returns (dE, dC).
 DEFAULT_BUDGET_FRACTION = 0.45
 MIN_BUDGET_BYTES = 32 * _MIB
+# Each extra chunk re-reads and re-writes dC (V x D): about the cost of this many more token rows of the three
+# matmul passes on an H200, so the chunking weighs fewer chunks against padded rows.
+CHUNK_OVERHEAD_ROWS = 128
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How the three-pass path walks one problem.
-
-    Attributes:
-      chunk: tokens per chunk (a multiple of ``row_align``); the last chunk is padded with zero-coefficient
-        rows when ``chunk * num_chunks > N``.
-      num_chunks: number of token chunks.
-      slab: vocabulary columns per slab (a multiple of ``col_align``), the last slab may be narrower.
-    """
+    """How the three-pass path walks the tokens: ``num_chunks`` chunks of ``chunk`` tokens (the last chunk is
+    padded with zero-coefficient rows when ``chunk * num_chunks > N``)."""
 
     chunk: int
     num_chunks: int
-    slab: int
-
-    def slabs(self, v: int) -> tuple[tuple[int, int], ...]:
-        return tuple((v0, min(self.slab, v - v0)) for v0 in range(0, v, self.slab))
 
 
 def _round_up(x: int, m: int) -> int:
@@ -83,28 +75,26 @@ def default_budget(e_shape, c_shape, dtype) -> int:
     return max(MIN_BUDGET_BYTES, int(DEFAULT_BUDGET_FRACTION * grad_bytes))
 
 
-def make_plan(n: int, d: int, v: int, dtype, *, budget_bytes: int, slab: int = DEFAULT_SLAB,
-              row_align: int = 64, col_align: int = 128, chunk: int | None = None) -> Plan:
-    """Chunk and slab sizes that keep the chunk's buffers within ``budget_bytes``.
+def make_plan(n: int, d: int, v: int, dtype, *, budget_bytes: int, extra_bytes_per_entry: int = 0,
+              row_align: int = 8, col_align: int = 1, chunk: int | None = None) -> Plan:
+    """Chunks whose buffers fit ``budget_bytes``.
 
-    Per token row a chunk holds its logits in the input's precision (V entries), one float32 slab of logits
-    and a float32 dE accumulator. Among the chunk counts that fit, the one that pads the fewest tokens wins.
+    Per token a chunk holds V logits in the input's precision plus ``extra_bytes_per_entry`` per logit (the
+    XLA path's float32 logits), and float32 dE rows. Among the chunk counts that fit, the cheapest by
+    ``chunk * count + CHUNK_OVERHEAD_ROWS * count`` wins.
     """
-    itemsize = jnp.dtype(dtype).itemsize
-    slab = max(col_align, min(_round_up(slab, col_align), _round_up(v, col_align)))
     if chunk is not None:
         chunk = _round_up(max(1, chunk), row_align)
-        return Plan(chunk=chunk, num_chunks=-(-n // chunk), slab=slab)
-    per_row = itemsize * _round_up(v, col_align) + 4 * slab + 8 * d
+        return Plan(chunk=chunk, num_chunks=-(-n // chunk))
+    per_row = (jnp.dtype(dtype).itemsize + extra_bytes_per_entry) * _round_up(v, col_align) + 8 * d
     most = max(row_align, budget_bytes // per_row // row_align * row_align)
     fewest = -(-n // most)
-    best = None
-    for k in range(fewest, fewest + 8):
+    best, best_cost = None, None
+    for k in range(fewest, fewest + 16):
         size = _round_up(-(-n // k), row_align)
-        if size > most:
-            continue
-        if best is None or size * k < best.chunk * best.num_chunks:
-            best = Plan(chunk=size, num_chunks=k, slab=slab)
+        cost = (size + CHUNK_OVERHEAD_ROWS) * k
+        if size <= most and (best is None or cost < best_cost):
+            best, best_cost = Plan(chunk=size, num_chunks=k), cost
     return best
 
 
@@ -127,87 +117,103 @@ class SparseProducts:
     dc_cond: bool = False
 
 
-def _pad_cols(x, width: int, value):
-    if x.shape[1] == width:
-        return x
-    return jnp.pad(x, ((0, 0), (0, width - x.shape[1])), constant_values=value)
-
-
 def _dot(a, b, contract_a: int, contract_b: int):
     return lax.dot_general(a, b, (((contract_a,), (contract_b,)), ((), ())),
                            precision=logits_lib.matmul_precision(a.dtype), preferred_element_type=jnp.float32)
 
 
-def _slice_vocab(x, v0: int, w: int, axis: int):
-    return lax.slice_in_dim(x, v0, v0 + w, axis=axis)
+@dataclasses.dataclass(frozen=True)
+class XlaLogits:
+    """Pass 1 in plain XLA: the chunk's float32 logits (one matmul) and their statistics."""
+
+    spec: LogitSpec
+    bytes_per_entry: int = 4  # plus the gradient buffer in the input's dtype
+
+    tile = None
+
+    def __call__(self, e_k, t_k, c, bias):
+        z = logits_lib.logits(e_k, c, bias, self.spec.layout, self.spec.softcap)
+        lse = jax.nn.logsumexp(z, axis=1)
+        hit = jnp.arange(z.shape[1])[None, :] == t_k[:, None]
+        target = jnp.where(hit, z, 0.0).sum(axis=1)
+        total = z.sum(axis=1) if self.spec.need_sum else jnp.zeros_like(lse)
+        return z, None, lse, target, total
 
 
-def _chunk_gradients(e_k, t_k, coeffs_k, c, bias, *, spec: LogitSpec, plan: Plan, need_de: bool,
-                     need_dc: bool, sparse: SparseProducts | None, carry):
+@dataclasses.dataclass(frozen=True)
+class KernelLogits:
+    """Pass 1 as one Pallas kernel (:func:`pallas_kernels.logits_chunk.logits_chunk`): the logits stored once in
+    the input's precision, each tile relative to its row maxima, with exact float32 statistics."""
+
+    spec: LogitSpec
+    config: Any  # pallas_kernels.lse_forward.ForwardConfig
+    interpret: bool
+    bytes_per_entry: int = 0
+
+    @property
+    def tile(self) -> int:
+        return self.config.block_v
+
+    def __call__(self, e_k, t_k, c, bias):
+        from pallas_kernels.logits_chunk import logits_chunk  # noqa: PLC0415
+        from pallas_kernels.tiles import Problem  # noqa: PLC0415
+
+        p = Problem(n=e_k.shape[0], d=e_k.shape[1], v=self.spec.vocab_size(c), layout=self.spec.layout,
+                    softcap=self.spec.softcap, has_bias=bias is not None)
+        return logits_chunk(e_k, c, bias, t_k, p=p, cfg=self.config, need_sum=self.spec.need_sum,
+                            interpret=self.interpret)
+
+
+def _chunk_gradients(e_k, t_k, coeffs_k, c, bias, *, spec: LogitSpec, logits, need_de: bool, need_dc: bool,
+                     sparse: SparseProducts | None, carry):
     """One token chunk: stats, dE rows and the chunk's contribution to dC / dbias (added into ``carry``)."""
     dc, db = carry
     v = spec.vocab_size(c)
     vaxis = 0 if spec.layout == "vd" else 1
     a, b, s, q = coeffs_k
     rows = e_k.shape[0]
-    col_align = sparse.config.block_v if sparse is not None else 1
-    width = _round_up(v, col_align)
-    vary = lambda x: varying_like(x, e_k, t_k, c, bias, *coeffs_k)  # noqa: E731
 
-    # Pass 1: the chunk's logits, slab by slab, each slab stored relative to its own row maxima. Columns past
-    # V (padding to whole kernel tiles) hold 0, which is also their gradient.
-    buf = vary(jnp.zeros((rows, width), e_k.dtype))
-    maxima, sums = [], []
-    target = vary(jnp.zeros((rows,), jnp.float32))
-    total = vary(jnp.zeros((rows,), jnp.float32))
-    for v0, w in plan.slabs(v):
-        b_j = None if bias is None else _slice_vocab(bias, v0, w, 0)
-        z = logits_lib.logits(e_k, _slice_vocab(c, v0, w, vaxis), b_j, spec.layout, spec.softcap)
-        m = z.max(axis=1)
-        sums.append(jnp.exp(z - m[:, None]).sum(axis=1))
-        maxima.append(m)
-        hit = (v0 + jnp.arange(w))[None, :] == t_k[:, None]
-        target = target + jnp.where(hit, z, 0.0).sum(axis=1)
-        if spec.need_sum:
-            total = total + z.sum(axis=1)
-        buf = lax.dynamic_update_slice(buf, (z - m[:, None]).astype(buf.dtype), (0, v0))
-    m_all = functools.reduce(jnp.maximum, maxima)
-    lse = m_all + jnp.log(sum(sj * jnp.exp(mj - m_all) for sj, mj in zip(sums, maxima)))
+    # Pass 1: the chunk's logits, kept in a buffer, and their exact statistics.
+    x, m, lse, target, total = logits(e_k, t_k, c, bias)
+    width = x.shape[1]
 
-    # Pass 2: the logit gradient, slab by slab in place, with the column sums (dbias) and live-tile flags.
-    g_lse = a + 2.0 * q * lse
-    col_sums, live = [], []
-    for (v0, w), m in zip(plan.slabs(v), maxima):
-        rel = lax.dynamic_slice(buf, (0, v0), (rows, w)).astype(jnp.float32) + (m - lse)[:, None]
-        p = jnp.exp(rel)
-        onehot = (v0 + jnp.arange(w))[None, :] == t_k[:, None]
-        g = g_lse[:, None] * p + jnp.where(onehot, b[:, None], 0.0)
-        if spec.need_sum:
-            g = g + s[:, None]
-        if spec.softcap is not None:
-            g = g * logits_lib.softcap_grad(rel + lse[:, None], spec.softcap)
-        buf = lax.dynamic_update_slice(buf, g.astype(buf.dtype), (0, v0))
-        if bias is not None and need_dc:
-            col_sums.append(g.sum(axis=0))
-        if sparse is not None:
-            live.append(_live_tiles(jnp.abs(p - onehot.astype(jnp.float32)), sparse))
-    live = None if sparse is None else jnp.concatenate(live, axis=1)
-    col_sum = None if not col_sums else jnp.concatenate(col_sums)
+    # Pass 2: the logit gradient, in the buffer's place when its dtype is the input's.
+    if m is None:
+        rel = x - lse[:, None]
+    else:
+        tile = logits.tile
+        rel = (x.reshape(rows, width // tile, tile).astype(jnp.float32) + (m - lse[:, None])[:, :, None])
+        rel = rel.reshape(rows, width)
+    p = jnp.exp(rel)
+    onehot = jnp.arange(width)[None, :] == t_k[:, None]
+    g = (a + 2.0 * q * lse)[:, None] * p + jnp.where(onehot, b[:, None], 0.0)
+    if spec.need_sum:
+        g = g + s[:, None]
+    if spec.softcap is not None:
+        g = g * logits_lib.softcap_grad(rel + lse[:, None], spec.softcap)
+    if width > v:  # padding columns (stored as -inf) get exactly 0
+        g = jnp.where(jnp.arange(width)[None, :] < v, g, 0.0)
+    col_sum = g.sum(axis=0)[:v] if (bias is not None and need_dc) else None
+    g = g.astype(e_k.dtype)
+    live = None if sparse is None else _live_tiles(m, lse, t_k, logits.tile, sparse)
 
     # Pass 3: the products of the whole chunk.
-    de = _chunk_de(buf, c, live, v=v, vaxis=vaxis, spec=spec, sparse=sparse) if need_de else None
+    de = _chunk_de(g, c, live, v=v, vaxis=vaxis, spec=spec, sparse=sparse) if need_de else None
     if need_dc:
-        dc, db = _chunk_dc(buf, e_k, dc, db, col_sum, live, v=v, spec=spec, sparse=sparse)
+        dc, db = _chunk_dc(g, e_k, dc, db, col_sum, live, v=v, spec=spec, sparse=sparse)
     return TokenStats(lse, target, total), de, (dc, db)
 
 
-def _live_tiles(deviation, sparse: SparseProducts):
-    """int32 flag per (block_n, block_v) tile: whether some ``|p - onehot|`` in it reaches ``filter_eps``."""
+def _live_tiles(m, lse, t_k, tile: int, sparse: SparseProducts):
+    """int32 flag per (block_n, block_v) product tile: whether some ``|p - onehot|`` in it may reach
+    ``filter_eps``, from each statistics tile's largest probability ``exp(m - lse)``; a tile holding a target
+    counts as live (its onehot entry deviates by ``1 - p``). Exact for whole tiles, never optimistic."""
     bn, bv = sparse.config.block_n, sparse.config.block_v
-    rows, width = deviation.shape
-    deviation = _pad_cols(deviation, _round_up(width, bv), 0.0)
-    tile_max = deviation.reshape(rows // bn, bn, -1, bv).max(axis=(1, 3))
-    return (tile_max >= sparse.filter_eps).astype(jnp.int32)
+    rows, num = m.shape
+    live = jnp.exp(m - lse[:, None]) >= sparse.filter_eps
+    live = live | (jnp.arange(num)[None, :] == (t_k // tile)[:, None])
+    live = jnp.repeat(live, tile // bv, axis=1)
+    return live.reshape(rows // bn, bn, -1).any(axis=1).astype(jnp.int32)
 
 
 def _problem(g, d: int, v: int, spec: LogitSpec, has_bias: bool = False):
@@ -276,7 +282,7 @@ def _pad_rows(x, rows: int, value):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec, plan: Plan,
+def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec, plan: Plan, logits,
               need: tuple[bool, bool, bool], accum_c_fp32: bool, sparse: SparseProducts | None = None):
     """Per-token stats and the gradients of ``sum_n [a lse + b z_t + s sum z + q lse^2]`` (unit cotangent).
 
@@ -300,7 +306,8 @@ def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec,
     def step(carry, xs):
         e_k, t_k, coeffs_k = xs
         stats, de_k, carry = _chunk_gradients(
-            e_k, t_k, coeffs_k, c, bias, spec=spec, plan=plan, need_de=need_de, need_dc=need_dc, sparse=sparse, carry=carry,
+            e_k, t_k, coeffs_k, c, bias, spec=spec, logits=logits, need_de=need_de, need_dc=need_dc,
+            sparse=sparse, carry=carry,
         )
         de_k = None if de_k is None else de_k.astype(e.dtype)
         return carry, (stats, de_k)

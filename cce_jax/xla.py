@@ -35,17 +35,16 @@ class XlaConfig:
 
     ``block_n`` / ``block_v`` tile the one-pass forward and the recompute backward: larger blocks give XLA
     larger matmuls (faster) at the cost of one float32 (block_n, block_v) tile of temporary memory.
-    ``slab`` (vocabulary columns per matmul) and ``chunk_tokens`` (tokens per chunk; default: sized from the
-    memory budget) shape the three-pass training path (:mod:`cce_jax.three_pass`).
+    ``chunk_tokens`` (tokens per chunk; default: sized from the memory budget) shapes the three-pass training
+    path (:mod:`cce_jax.three_pass`).
     """
 
     block_n: int = 1024
     block_v: int = 4096
-    slab: int = three_pass.DEFAULT_SLAB
     chunk_tokens: int | None = None
 
     def __post_init__(self):
-        for name in ("block_n", "block_v", "slab"):
+        for name in ("block_n", "block_v"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"XlaConfig.{name} must be a positive int, got {value!r}")
@@ -241,11 +240,12 @@ def training_impl(
     budget_bytes: int,
 ) -> three_pass.TrainingImpl:
     """The three-pass path in plain XLA: dense products on every slab (no filtering: nothing is skipped)."""
-    plan = three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, slab=config.slab,
-                                chunk=config.chunk_tokens, row_align=8, col_align=128)
+    logits = three_pass.XlaLogits(spec)
+    plan = three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, chunk=config.chunk_tokens,
+                                extra_bytes_per_entry=logits.bytes_per_entry)
     return three_pass.TrainingImpl(
         forward=functools.partial(_forward, spec=spec, config=config),
-        gradients=functools.partial(three_pass.gradients, spec=spec, plan=plan,
+        gradients=functools.partial(three_pass.gradients, spec=spec, plan=plan, logits=logits,
                                     accum_c_fp32=backward.accum_c_fp32),
         stats_fn=functools.partial(token_stats, spec=spec, backward=backward, config=config),
     )

@@ -1,0 +1,104 @@
+"""Logits of a chunk of tokens, stored once for the three-pass training path, with their exact statistics.
+
+Grid: ``(cdiv(N, block_n),)``; program ``i`` owns tokens ``[i * block_n, (i + 1) * block_n)`` and streams the
+vocabulary in ``block_v`` columns, like :mod:`pallas_kernels.lse_forward`. For every (block_n, block_v) tile
+of ``z = softcap(e @ c^T + bias)`` it
+
+1. writes ``z - m`` in the buffer's (half) precision, where ``m`` is the tile's row maximum, and writes ``m``
+   (float32) to a (N, cdiv(V, block_v)) array; storing each tile relative to its own maxima keeps nearly full
+   relative precision for every entry that carries probability, whatever the logits' magnitude;
+2. folds the tile into the online max / sum of exponentials, the target logit and (if asked) the sum of logits.
+
+It ends by writing the float32 lse, target logit and sum of logits per token. Columns past V are stored as
+``-inf`` (so their probability, and gradient, is exactly 0) and the buffer has ``cdiv(V, block_v) * block_v``
+columns.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import tiles
+from pallas_kernels.lse_forward import ForwardConfig
+from pallas_kernels.tiles import Problem
+
+
+def _kernel(e_ref, c_ref, b_ref, t_ref, z_ref, m_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, cfg: ForwardConfig,
+            need_sum: bool):
+    bn, bv = cfg.block_n, cfg.block_v
+    n0 = pl.program_id(0) * bn
+    nmask = tiles.in_bounds(n0, bn, p.n, p.n % bn == 0)
+    targets = tiles.load_1d(t_ref, n0, bn, nmask, other=-1)
+
+    # Phase 1: each vocabulary tile is stored relative to its row maxima and folded into the statistics.
+    def vocab_step(j, carry):
+        m, s, zt, zs = carry
+        v0 = j * bv
+        vmask = tiles.in_bounds(v0, bv, p.v, p.v % bv == 0)
+        z = tiles.logits_tile(e_ref, c_ref, b_ref, n0, v0, p=p, bn=bn, bv=bv, bd=cfg.block_d,
+                              nmask=nmask, vmask=vmask)
+        m_tile = z.max(axis=1)
+        tiles.store_2d(z_ref, n0, bn, nmask, v0, bv, None, (z - m_tile[:, None]).astype(z_ref.dtype))
+        tiles.store_2d(m_ref, n0, bn, nmask, j, 1, None, m_tile[:, None])
+        m_new = jnp.maximum(m, m_tile)
+        s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=1)
+        cols = v0 + jnp.arange(bv)
+        zt = zt + jnp.where(cols[None, :] == targets[:, None], z, 0.0).sum(axis=1)
+        if need_sum:
+            zs = zs + (z if vmask is None else jnp.where(vmask[None, :], z, 0.0)).sum(axis=1)
+        return m_new, s, zt, zs
+
+    zeros = jnp.zeros((bn,), jnp.float32)
+    init = (jnp.full((bn,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
+    m, s, zt, zs = lax.fori_loop(0, tiles.cdiv(p.v, bv), vocab_step, init)
+
+    # Phase 2: one float32 scalar of each statistic per token.
+    tiles.store_1d(lse_ref, n0, bn, nmask, m + jnp.log(s))
+    tiles.store_1d(zt_ref, n0, bn, nmask, zt)
+    tiles.store_1d(zs_ref, n0, bn, nmask, zs)
+
+
+@functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "dtype", "interpret"))
+def logits_chunk(
+    e: jax.Array,
+    c: jax.Array,
+    bias: jax.Array | None,
+    targets: jax.Array,
+    *,
+    p: Problem,
+    cfg: ForwardConfig,
+    need_sum: bool,
+    dtype=None,
+    interpret: bool = False,
+):
+    """``(z_rel, m, lse, target_logit, sum_logits)`` of ``softcap(e @ c^T + bias)`` for the N rows of ``e``.
+
+    ``z_rel`` is (N, T * block_v) in ``dtype`` (default: e's), T = cdiv(V, block_v); ``m`` is (N, T) float32,
+    so ``z[:, v] = z_rel[:, v] + m[:, v // block_v]``. The rest are float32 (N,) as in
+    :func:`pallas_kernels.lse_forward.lse_forward`.
+    """
+    num_tiles = tiles.cdiv(p.v, cfg.block_v)
+    kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum)
+    if bias is None:
+        kernel = functools.partial(_without_bias, kernel)
+    args = (e, c, targets) if bias is None else (e, c, bias, targets)
+    row = tiles.out_struct((p.n,), jnp.float32, *args)
+    return pl.pallas_call(
+        kernel,
+        out_shape=(tiles.out_struct((p.n, num_tiles * cfg.block_v), dtype or e.dtype, *args),
+                   tiles.out_struct((p.n, num_tiles), jnp.float32, *args), row, row, row),
+        grid=(tiles.cdiv(p.n, cfg.block_n),),
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+        interpret=interpret,
+        name="cce_logits_chunk",
+    )(*args)
+
+
+def _without_bias(kernel, e_ref, c_ref, *refs):
+    return kernel(e_ref, c_ref, None, *refs)
