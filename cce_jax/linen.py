@@ -16,7 +16,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
+
+from cce_jax.optional import require_flax
+
+require_flax("cce_jax.linen")
+from flax import linen as nn  # noqa: E402
 
 from cce_jax import api
 from cce_jax.nnx import LOSS_OPTIONS, apply_head, merge_loss_options, tied_table
