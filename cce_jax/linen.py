@@ -36,6 +36,12 @@ class LinearCrossEntropyHead(nn.Module):
     call passes ``embed=`` the model's ``nn.Embed`` (or its table); the (V, D) table is read in place
     (``classifier_layout="vd"``), never copied or transposed.
 
+    Checkpoints: Linen names a module defined inline in an ``@nn.compact`` method after its class, so the
+    ``nn.Dense`` it replaces was ``Dense_0`` (``Dense_1``, ...) and this head would be
+    ``LinearCrossEntropyHead_0``. Pass ``name=`` the old layer's name (``name="Dense_0"``, or whatever name it
+    was given) to keep the parameter tree, and checkpoints, unchanged. Assigned in ``setup()`` (``self.lm_head =
+    ...``) it takes the attribute's name, as the Dense did.
+
     Example::
 
       class LM(nn.Module):

@@ -173,6 +173,8 @@ def test_concrete_negative_weights_rejected(kind):
     w = jnp.asarray(w) if kind == "jax" else w
     with pytest.raises(ValueError, match=r"^weights must be >= 0, got 2 negative value\(s\) \(smallest -2.0\)"):
         cce_jax.linear_cross_entropy(E, C, T, weights=w)
+    with pytest.raises(ValueError, match=r"^weights must be >= 0"):  # a constant captured by a jitted function
+        jax.jit(lambda e: cce_jax.linear_cross_entropy(e, C, T, weights=w))(E)
 
 
 def test_traced_negative_weights_used_as_given(rng):
