@@ -80,6 +80,7 @@ def _validate(e, c, targets, bias, weights, *, classifier_layout, reduction, sof
     for name, x in (("e", e), ("c", c), ("targets", targets)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    checks.require_static("classifier_layout", classifier_layout, 'str ("vd" or "dv")')
     if classifier_layout not in _LAYOUTS:
         raise ValueError(f'classifier_layout must be "vd" (c is (V, D)) or "dv" (c is (D, V)), got {classifier_layout!r}')
     if e.ndim < 1:
@@ -118,6 +119,7 @@ def _validate(e, c, targets, bias, weights, *, classifier_layout, reduction, sof
         if not _is_float_dtype(weights.dtype):
             raise TypeError(f"weights must be a floating-point array, got dtype {weights.dtype}")
         checks.check_weights(weights)
+    checks.require_static("reduction", reduction, 'str ("mean", "sum" or "none")')
     if reduction not in _REDUCTIONS:
         raise ValueError(f'reduction must be one of "mean", "sum", "none", got {reduction!r}')
     if softcap is not None:

@@ -196,6 +196,7 @@ def test_traced_negative_weights_used_as_given(rng):
 STATIC = [("softcap", 30.0, "float or None"), ("label_smoothing", 0.1, "float"), ("ignore_index", -100, "int"),
           ("shift", 1, "int or bool"), ("filter_eps", 1e-3, r'float, "auto" or None'), ("return_lse", True, "bool"),
           ("check_targets", True, "bool")]
+TRACED_ONLY = [("reduction", r'str \("mean", "sum" or "none"\)'), ("classifier_layout", r'str \("vd" or "dv"\)')]
 
 
 @pytest.mark.parametrize("name, value, expected", STATIC, ids=[s[0] for s in STATIC])
@@ -205,6 +206,12 @@ def test_traced_static_option_says_static(name, value, expected):
         f(value)
     # and the same value as a constant is accepted
     jax.jit(lambda e: cce_jax.linear_cross_entropy(e, C, T, **{name: value}))(E)
+
+
+@pytest.mark.parametrize("name, expected", TRACED_ONLY, ids=[s[0] for s in TRACED_ONLY])
+def test_traced_string_option_says_static(name, expected):
+    with pytest.raises(TypeError, match=rf"^{name} must be a static Python {expected}, not a traced value"):
+        jax.jit(lambda x: cce_jax.linear_cross_entropy(E, C, T, **{name: x}))(1)
 
 
 # --------------------------------------------------------------------------------------------------------------
