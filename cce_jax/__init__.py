@@ -2,6 +2,7 @@
 
 from cce_jax.api import compute_z_loss, linear_cross_entropy
 from cce_jax.cce import KernelConfig
+from cce_jax.checks import AUTO_DENSE_MAX_LOGIT_BYTES, TargetsOutOfRangeError
 from cce_jax.options import VocabParallelOptions
 from cce_jax.vocab_parallel import (
     pad_vocab_shards,
@@ -13,8 +14,10 @@ from cce_jax.vocab_parallel import (
 from cce_jax.xla import XlaConfig
 
 __all__ = [
+    "AUTO_DENSE_MAX_LOGIT_BYTES",
     "KernelConfig",
     "VocabParallelOptions",
+    "TargetsOutOfRangeError",
     "XlaConfig",
     "compute_z_loss",
     "linear_cross_entropy",

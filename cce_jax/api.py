@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from cce_jax import checks
 from cce_jax import dense as dense_lib
 from cce_jax import options as options_lib
 from cce_jax import xla as xla_lib
@@ -35,6 +36,7 @@ def _is_float_dtype(dtype) -> bool:
 
 
 def _check_shift(shift, targets_shape) -> int:
+    checks.require_static("shift", shift, "int or bool")
     if isinstance(shift, (bool, np.bool_)):
         shift = int(shift)
     elif not isinstance(shift, (numbers.Integral, np.integer)):
@@ -53,6 +55,7 @@ def _check_shift(shift, targets_shape) -> int:
 
 
 def _check_filter_eps(filter_eps):
+    checks.require_static("filter_eps", filter_eps, 'float, "auto" or None')
     if filter_eps is None or (isinstance(filter_eps, str) and filter_eps == "auto"):
         return filter_eps
     if isinstance(filter_eps, str):
@@ -68,6 +71,7 @@ def _check_filter_eps(filter_eps):
 
 
 def _check_flag(name: str, value) -> bool:
+    checks.require_static(name, value, "bool")
     if not isinstance(value, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     return bool(value)
@@ -78,6 +82,7 @@ def _validate(e, c, targets, bias, weights, *, classifier_layout, reduction, sof
     for name, x in (("e", e), ("c", c), ("targets", targets)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
             raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    checks.require_static("classifier_layout", classifier_layout, 'str ("vd" or "dv")')
     if classifier_layout not in _LAYOUTS:
         raise ValueError(f'classifier_layout must be "vd" (c is (V, D)) or "dv" (c is (D, V)), got {classifier_layout!r}')
     if e.ndim < 1:
@@ -115,15 +120,20 @@ def _validate(e, c, targets, bias, weights, *, classifier_layout, reduction, sof
             raise ValueError(f"weights.shape must equal targets.shape = {targets.shape}, got {getattr(weights, 'shape', weights)}")
         if not _is_float_dtype(weights.dtype):
             raise TypeError(f"weights must be a floating-point array, got dtype {weights.dtype}")
+        checks.check_weights(weights)
+    checks.require_static("reduction", reduction, 'str ("mean", "sum" or "none")')
     if reduction not in _REDUCTIONS:
         raise ValueError(f'reduction must be one of "mean", "sum", "none", got {reduction!r}')
     if softcap is not None:
+        checks.require_static("softcap", softcap, "float or None")
         if isinstance(softcap, (bool, np.bool_)) or not isinstance(softcap, (numbers.Real, np.floating)) or not softcap > 0:
             raise ValueError(f"softcap must be None or a positive number, got {softcap!r}")
+    checks.require_static("label_smoothing", label_smoothing, "float")
     if isinstance(label_smoothing, (bool, np.bool_)) or not isinstance(label_smoothing, (numbers.Real, np.floating)):
         raise TypeError(f"label_smoothing must be a float in [0, 1), got {label_smoothing!r}")
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+    checks.require_static("ignore_index", ignore_index, "int")
     if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(ignore_index, (numbers.Integral, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     return vocab
@@ -147,13 +157,21 @@ def _check_training_options(z_loss, grad_path, max_temp_bytes) -> tuple[float, s
     return float(z_loss), grad_path, max_temp_bytes
 
 
-def _resolve_impl(impl, e_dtype, interpret):
-    """Returns ``(name, config)``: the implementation to run and its block config (or None for defaults)."""
+def _resolve_impl(impl, e_dtype, interpret, num_logits: int | None = None):
+    """Returns ``(name, config)``: the implementation to run and its block config (or None for defaults).
+
+    ``impl="auto"``: the kernels where :func:`cce_jax.cce.kernels_preferred` says so (a GPU and a supported
+    dtype); otherwise, on a GPU, ``"xla"``; on any other backend ``"dense"`` while the float32 logits
+    (``num_logits`` = N x local V entries, 4 bytes each) fit in :data:`cce_jax.checks.AUTO_DENSE_MAX_LOGIT_BYTES`
+    and ``"xla"`` above it (or when ``num_logits`` is not given). A kernel implementation off a GPU warns once
+    that it runs in interpret mode, and rejects ``interpret=False``.
+    """
     if isinstance(impl, xla_lib.XlaConfig):
         return "xla", impl
     from cce_jax import cce as cce_lib  # noqa: PLC0415  (the kernel module imports Pallas lazily)
 
     if isinstance(impl, cce_lib.KernelConfig):
+        checks.check_kernel_backend(impl, interpret)
         return "cce", impl
     if not isinstance(impl, str) or impl not in options_lib.IMPL_NAMES:
         raise ValueError(
@@ -161,7 +179,11 @@ def _resolve_impl(impl, e_dtype, interpret):
             f"KernelConfig, got {impl!r}"
         )
     if impl == "auto":
-        return ("cce" if cce_lib.kernels_preferred(e_dtype, interpret) else "xla"), None
+        if cce_lib.kernels_preferred(e_dtype, interpret):
+            return "cce", None
+        return ("xla" if jax.default_backend() == "gpu" else checks.auto_impl_off_gpu(num_logits)), None
+    if impl not in ("dense", "xla"):
+        checks.check_kernel_backend(impl, interpret)
     return impl, None
 
 
@@ -179,11 +201,9 @@ def _unshift(x: jax.Array, shape: tuple[int, ...], shift: int) -> jax.Array:
 
 
 def _raise_on_bad_targets(count, first, vocab_size):
-    if int(count) > 0:
-        raise ValueError(
-            f"targets: {int(count)} target id(s) outside [0, {int(vocab_size)}) that are not ignore_index; "
-            f"first offending value {int(first)}"
-        )
+    """Raises :class:`cce_jax.TargetsOutOfRangeError` (a ``ValueError``) naming the count, the range and the
+    first offending id."""
+    checks.raise_on_bad_targets(count, first, vocab_size)
 
 
 def linear_cross_entropy(
@@ -227,13 +247,18 @@ def linear_cross_entropy(
       softcap: if set, logits become ``softcap * tanh(logits / softcap)`` (Gemma 2 uses 30.0).
       reduction: ``"mean"`` (weighted mean over non-ignored tokens; 0.0 if there are none), ``"sum"`` or
         ``"none"`` (per-token losses shaped like ``targets``, last axis ``T - shift``, 0.0 where ignored).
+        Like ``ignore_index``, ``softcap``, ``shift``, ``label_smoothing``, ``filter_eps`` and the flags, it is
+        static: a traced value raises a ``TypeError`` saying so.
       shift: pair ``e[..., t, :]`` with ``targets[..., t + shift]`` within each sequence (``True`` means 1),
         without copying ``e``. ``0 <= shift < targets.shape[-1]``.
       return_lse: also return the per-token float32 log-sum-exp, shaped like a ``"none"`` loss and zero where
         ignored; it is differentiable (use it for a z-loss, see :func:`compute_z_loss`).
       weights: optional float per-token weights shaped like ``targets`` and aligned with them (sliced like
         ``targets`` under ``shift``). ``mean = sum(w * nll) / sum(w)`` over non-ignored tokens,
-        ``sum = sum(w * nll)``, ``none = w * nll``.
+        ``sum = sum(w * nll)``, ``none = w * nll``. Weights must be >= 0: concrete weights (a NumPy array or
+        a jax.Array outside a trace) with a negative entry raise a ``ValueError``; traced weights are used as
+        given (a negative weight scales its token's loss and gradient by that factor, and ``"mean"`` divides by
+        ``sum(w)``, so keep that positive).
       label_smoothing: ``alpha`` in ``(1 - alpha) * nll + alpha * mean_v(-log p_v)``, in ``[0, 1)``.
       filter_eps: gradient filtering threshold (blockwise implementations): a backward tile is skipped when
         every ``|softmax - onehot|`` in it is below it. ``"auto"`` = eps(e.dtype) / 32; ``None`` disables.
@@ -241,14 +266,22 @@ def linear_cross_entropy(
       accum_e_fp32, accum_c_fp32: accumulate dE / dC in float32. The implementations here always
         accumulate tiles in float32 registers or buffers, so these can only add precision, never remove it.
       filter_e_grad, filter_c_grad: whether dE / dC may skip filtered tiles.
-      impl: ``"auto"`` (kernels on a GPU, ``"xla"`` elsewhere), ``"dense"``, ``"xla"``, a kernel preset
+      impl: ``"auto"`` (the kernels on a GPU for bf16 / fp16 / fp32; elsewhere ``"dense"`` while the float32
+        logits, N x V x 4 bytes, are at most ``cce_jax.AUTO_DENSE_MAX_LOGIT_BYTES`` (32 MiB), ``"xla"`` above),
+        ``"dense"``, ``"xla"``, a kernel preset
         (``"cce"``, ``"cce_kahan"``, ``"cce_kahan_full_c"``, ``"cce_kahan_full_e"``, ``"cce_exact"`` alias
         ``"cce_kahan_full_c_full_e"``), or a block config (:class:`XlaConfig`, ``KernelConfig``).
       classifier_layout: ``"vd"`` or ``"dv"``, see ``c``.
       vocab_parallel: :class:`VocabParallelOptions` when ``c`` is this device's vocabulary shard inside
         ``shard_map``.
-      interpret: run Pallas kernels in interpret mode (default: only when no GPU is present).
-      check_targets: raise a ``ValueError`` at run time (through a host callback) if a target is out of range.
+      interpret: run Pallas kernels in interpret mode (default: only when no GPU is present, with a one-time
+        ``UserWarning`` because it is slow). ``interpret=False`` with a kernel ``impl`` away from a GPU raises a
+        ``ValueError`` at trace time.
+      check_targets: raise :class:`cce_jax.TargetsOutOfRangeError` (a ``ValueError``; message
+        ``"targets: K target id(s) outside [0, V) ...; first offending value X"``) if a target is out of range.
+        With concrete targets (eager calls) it is raised directly. With traced targets (under ``jax.jit``) it
+        is raised at run time in a host callback, and JAX delivers it as ``jax.errors.JaxRuntimeError`` whose
+        message ends with that line.
       z_loss: weight ``w`` of PaLM's z-loss: the loss becomes ``loss + w * R(lse^2)`` where ``R`` is the same
         reduction over the same valid tokens and weights as the loss (per token for ``"none"``). Unlike a
         z-loss built from ``return_lse``, it keeps a scalar loss on the three-pass training path.
@@ -281,7 +314,9 @@ def linear_cross_entropy(
     z_loss, grad_path, max_temp_bytes = _check_training_options(z_loss, grad_path, max_temp_bytes)
     if vocab_parallel is not None and not isinstance(vocab_parallel, VocabParallelOptions):
         raise TypeError(f"vocab_parallel must be a VocabParallelOptions or None, got {type(vocab_parallel).__name__}")
-    impl_name, impl_config = _resolve_impl(impl, e.dtype, interpret)
+    impl_name, impl_config = _resolve_impl(
+        impl, e.dtype, interpret, num_logits=int(np.prod(e.shape[:-1], dtype=np.int64)) * vocab_local
+    )
     if impl_name not in ("dense", "xla") and jnp.dtype(e.dtype) not in options_lib.SUPPORTED_DTYPES:
         raise TypeError(f"impl={impl_name!r} supports bf16, fp16 and fp32 inputs, got {e.dtype}")
 
@@ -320,7 +355,7 @@ def linear_cross_entropy(
 
     if check_targets:
         first_bad = jnp.where(out_of_range, tgt, 0)[jnp.argmax(out_of_range)] if num_tokens else 0
-        jax.debug.callback(_raise_on_bad_targets, out_of_range.sum(), first_bad, vocab_size)
+        checks.check_targets(_raise_on_bad_targets, out_of_range.sum(), first_bad, vocab_size)
 
     if weights is None:
         w = valid.astype(jnp.float32)

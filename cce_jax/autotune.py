@@ -6,6 +6,10 @@ Forward candidates are timed on the forward kernel alone; backward candidates on
 best forward, with filtering on (preset "cce") and off ("cce_exact"). Results go to stdout and, with
 ``--json``, to a file. ``--save TABLE`` adds the best entry to a tuning table that the kernels read when the
 environment variable ``CCE_JAX_TUNING_FILE`` names it (or paste it into ``cce_jax.cce.TUNED``).
+
+It times GPU kernels: without a GPU it stops with exit status 2, unless a shape (``--n``, ``--d``, ``--v``) or
+``--interpret`` is given; it then runs the kernels in Pallas interpret mode, which only checks that they run
+(interpret timings say nothing about a GPU, and the default shape takes tens of minutes there).
 """
 
 from __future__ import annotations
@@ -182,17 +186,58 @@ def save_entry(path: str, entry: dict) -> None:
         json.dump(table, f, indent=1)
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=8192)
-    parser.add_argument("--d", type=int, default=2304)
-    parser.add_argument("--v", type=int, default=256000)
-    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    parser.add_argument("--iters", type=int, default=5)
-    parser.add_argument("--json")
-    parser.add_argument("--per-kernel", action="store_true", help="time each kernel of the default config")
-    parser.add_argument("--save", help="add the best config to this tuning table (read via CCE_JAX_TUNING_FILE)")
+DEFAULT_SHAPE = {"n": 8192, "d": 2304, "v": 256000}  # gemma2: 8192 tokens, d_model 2304, vocabulary 256000
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keeps the module docstring's layout and appends each flag's default to its help."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m cce_jax.autotune", description=__doc__,
+                                     formatter_class=_HelpFormatter)
+    parser.add_argument("--n", type=int, default=argparse.SUPPRESS,
+                        help=f"tokens per step, N (default: {DEFAULT_SHAPE['n']})")
+    parser.add_argument("--d", type=int, default=argparse.SUPPRESS,
+                        help=f"hidden size, D (default: {DEFAULT_SHAPE['d']})")
+    parser.add_argument("--v", type=int, default=argparse.SUPPRESS,
+                        help=f"vocabulary size, V (default: {DEFAULT_SHAPE['v']})")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                        help="dtype of the hidden states and the classifier")
+    parser.add_argument("--iters", type=int, default=5, help="timed calls per candidate (the median is kept)")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write every measurement to this file")
+    parser.add_argument("--per-kernel", action="store_true",
+                        help="time each kernel of the default config (and the XLA baseline) instead of tuning")
+    parser.add_argument("--save", default=None, metavar="TABLE",
+                        help="add the best config to this tuning table (read via CCE_JAX_TUNING_FILE)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="allow running without a GPU, in Pallas interpret mode (slow; checks only that the "
+                             "candidates run)")
     args = parser.parse_args(argv)
+    for name in ("n", "d", "v", "iters"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be a positive int, got {value}")
+    explicit_shape = any(hasattr(args, k) for k in DEFAULT_SHAPE)
+    if jax.default_backend() != "gpu" and not (explicit_shape or args.interpret):
+        parser.exit(2, (
+            f"cce_jax.autotune: no GPU (the default JAX backend is {jax.default_backend()!r}). It times the Pallas "
+            "GPU kernels; on this machine they would run in interpret mode (the default shape "
+            f"{DEFAULT_SHAPE['n']} x {DEFAULT_SHAPE['d']} x {DEFAULT_SHAPE['v']} takes tens of minutes and "
+            "its timings mean nothing). Run it on a GPU, or pass a small shape (--n/--d/--v) or --interpret to "
+            "run it anyway.\n"
+        ))
+    for k, value in DEFAULT_SHAPE.items():
+        if not hasattr(args, k):
+            setattr(args, k, value)
+    if jax.default_backend() != "gpu":
+        print(f"cce_jax.autotune: no GPU; running {args.n} x {args.d} x {args.v} in Pallas interpret mode",
+              file=sys.stderr, flush=True)
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     dtype = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}[args.dtype]
     if args.per_kernel:
         rows = per_kernel(args.n, args.d, args.v, dtype, iters=args.iters)

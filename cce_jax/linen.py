@@ -16,7 +16,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
+
+from cce_jax.optional import require_flax
+
+require_flax("cce_jax.linen")
+from flax import linen as nn  # noqa: E402
 
 from cce_jax import api
 from cce_jax.nnx import LOSS_OPTIONS, apply_head, merge_loss_options, tied_table
@@ -31,6 +35,12 @@ class LinearCrossEntropyHead(nn.Module):
     does, and with ``use_bias`` a ``bias`` (vocab_size,). Tied (``tied=True``), it owns no classifier and each
     call passes ``embed=`` the model's ``nn.Embed`` (or its table); the (V, D) table is read in place
     (``classifier_layout="vd"``), never copied or transposed.
+
+    Checkpoints: Linen names a module defined inline in an ``@nn.compact`` method after its class, so the
+    ``nn.Dense`` it replaces was ``Dense_0`` (``Dense_1``, ...) and this head would be
+    ``LinearCrossEntropyHead_0``. Pass ``name=`` the old layer's name (``name="Dense_0"``, or whatever name it
+    was given) to keep the parameter tree, and checkpoints, unchanged. Assigned in ``setup()`` (``self.lm_head =
+    ...``) it takes the attribute's name, as the Dense did.
 
     Example::
 

@@ -16,7 +16,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+from cce_jax.optional import require_flax
+
+require_flax("cce_jax.nnx")
+from flax import nnx  # noqa: E402
 
 from cce_jax import api
 from cce_jax import logits as logits_lib

@@ -161,7 +161,9 @@ def parse_args(argv: Sequence[str] | None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--impl", default="auto", help='loss implementation ("auto": xla on CPU, cce kernels on GPU)')
+    p.add_argument("--impl", default="auto",
+                   help='loss implementation ("auto": cce kernels on GPU; on CPU dense logits while they are small, '
+                        'else xla)')
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check", action="store_true",
                    help="compare the first step's loss and classifier gradient with a single-device dense loss")

@@ -83,6 +83,33 @@ def test_drop_in_for_dense():
     assert_close(logits, f64(_LM("dense").apply(dense_vars, tokens)), jnp.float32, "loss", "logits vs nn.Dense")
 
 
+@pytest.mark.parametrize("name", ["Dense_1", "lm_head"])
+def test_named_head_keeps_the_compact_dense_tree(name):
+    """In @nn.compact, nn.Dense(V) is auto-named Dense_1 (after the body's Dense_0) and the head
+    LinearCrossEntropyHead_0; with name= set to the old layer's name the parameter tree is the Dense's."""
+
+    class Compact(nn.Module):
+        cce: bool
+        head_name: str | None = None
+
+        @nn.compact
+        def __call__(self, tokens):
+            h = nn.Dense(D)(nn.Embed(V, D)(tokens))
+            if self.cce:
+                return LinearCrossEntropyHead(V, impl=BLOCKS, name=self.head_name)(h)
+            return nn.Dense(V, use_bias=False, name=None if self.head_name == "Dense_1" else self.head_name)(h)
+
+    tokens = jnp.zeros((B, T), jnp.int32)
+    dense_vars = Compact(cce=False, head_name=name).init(jax.random.key(3), tokens)
+    head_vars = Compact(cce=True, head_name=name).init(jax.random.key(3), tokens)
+    assert name in dense_vars["params"]
+    assert jax.tree.map(jnp.shape, head_vars) == jax.tree.map(jnp.shape, dense_vars)
+    for a, b in zip(jax.tree.leaves(dense_vars), jax.tree.leaves(head_vars)):
+        np.testing.assert_array_equal(a, b)
+    unnamed = Compact(cce=True).init(jax.random.key(3), tokens)
+    assert "LinearCrossEntropyHead_0" in unnamed["params"] and name not in unnamed["params"]
+
+
 def test_tied_head_in_model(rng):
     """The tied head adds no parameter; the embedding gets the lookup's and the classifier's gradients."""
     tokens = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)

@@ -87,7 +87,7 @@ def test_options_half(rng, case_id, dtype, impl):
 
 @pytest.mark.parametrize("impl", ["xla", "auto"])
 def test_default_blocks_and_auto(rng, impl):
-    """The default block config (one block covers these shapes) and impl="auto" (xla on a CPU)."""
+    """The default block config (one block covers these shapes) and impl="auto" (dense logits on a CPU at this size)."""
     _check_case(rng, "dv-everything", impl, jnp.float32, shape=(45,))
 
 

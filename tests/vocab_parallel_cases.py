@@ -166,6 +166,15 @@ SHARD_MAP_CASES = [
 ]
 
 
+@pytest.mark.parametrize("impl", ["dense", "auto"])
+@pytest.mark.parametrize("case", [SHARD_MAP_CASES[0], SHARD_MAP_CASES[5]], ids=lambda case: case[0])
+def test_shard_map_dense_and_auto(case, impl, rng):
+    """impl="dense" meets the same stats contract inside shard_map (check_vma=True); "auto" picks it on a CPU at
+    these sizes (the logits are far below AUTO_DENSE_MAX_LOGIT_BYTES)."""
+    name, mesh_shape, names, vaxes, baxes, vocab, split, flags, options, *override = case
+    run_shard_map(rng, impl, True, mesh_shape, names, vaxes, baxes, vocab, split, flags, options)
+
+
 def run_shard_map(rng, impl, check_vma, mesh_shape, names, vaxes, baxes, vocab, split, flags, options):
     mesh = make_mesh(mesh_shape, names)
     n_vocab = int(np.prod([mesh.shape[a] for a in vaxes]))

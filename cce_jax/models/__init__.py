@@ -12,6 +12,10 @@ Example::
     loss = model(tokens, tokens)   # next-token loss with Gemma 2's final softcap 30, tied embeddings
 """
 
+from cce_jax.optional import require_flax
+
+require_flax("cce_jax.models")
+
 from cce_jax.models.config import FAMILIES, DecoderConfig, family_config
 from cce_jax.models.decoder import Decoder
 

@@ -12,7 +12,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
+
+from cce_jax.optional import require_flax
+
+require_flax("cce_jax.models")
+from flax import nnx  # noqa: E402
 
 from cce_jax.models.config import DecoderConfig
 from cce_jax.nnx import LinearCrossEntropyHead
