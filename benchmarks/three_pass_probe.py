@@ -51,8 +51,6 @@ def variants(d, dtype, grad_bytes):
         "3p-de": ("lib-e", dict(base)),
         "xla": ("lib", dict(impl="xla")),
         "cce_exact": ("lib", dict(impl="cce_exact")),
-        "slab=8192": ("lib", dict(impl=_config(d, dtype, slab=8192))),
-        "slab=32768": ("lib", dict(impl=_config(d, dtype, slab=32768))),
         "budget=x2": ("lib", dict(base, max_temp_bytes=int(2 * three_pass.DEFAULT_BUDGET_FRACTION * grad_bytes))),
     }
     return out
