@@ -21,16 +21,37 @@ Grid and block layout
   target; the sum of logits when ``need_sum``). Only the last vocabulary tiles of the split (those that reach
   past V) pay for the column mask.
 - At the end warpgroups ``1..compute_wgs-1`` hand their statistics to warpgroup 0 through SMEM
-  (:func:`merge_stats`), which writes one float32 per token and output through SMEM and TMA (rows >= N are
-  clipped by TMA).
-- With ``v_splits > 1`` the kernel writes per-split partial results of shape ``(v_splits, round_up(N, block_n))``
-  and XLA merges them (:func:`merge_splits`): ``3 * 4 * v_splits * round_up(N, block_n)`` bytes of temporary
-  memory (393 KB at N 8192 with 4 splits). With ``v_splits == 1`` no memory beyond the three (N,) outputs.
+  (:func:`merge_stats`), which writes one float32 per token and output through SMEM and a bulk copy into
+  outputs padded to ``N_pad = round_up(N, block_n)`` rows (never a partial store: see "Output stores" below).
+- With ``v_splits > 1`` the kernel writes per-split partial results of shape ``(v_splits, N_pad)`` and XLA
+  merges them (:func:`merge_splits`): ``3 * 4 * v_splits * N_pad`` bytes of temporary memory (393 KB at N 8192
+  with 4 splits). With ``v_splits == 1`` the outputs are ``(N_pad,)``, sliced to ``(N,)`` by XLA when
+  ``N % block_n`` (three copies of N floats; none when N is a multiple of block_n).
+
+Output stores (the bug of the first H200 run, fixed here)
+--------------------------------------------------------
+Pallas lowers ``copy_smem_to_gmem`` with ``OOBFillMode.UNDEFINED``, and Mosaic GPU turns a contiguous,
+unswizzled SMEM->GMEM copy such as our 1-D ``(block_n,)`` statistics rows into a plain
+``cp.async.bulk.global.shared::cta`` (not a tensor-map TMA) whose byte count is clamped to the end of the
+destination array (``launch_context.async_copy``, ``is_simple_contiguous_copy``). For the last row block of an
+``(N,)`` output that is ``4 * (N % block_n)`` bytes, and ``cp.async.bulk`` needs a multiple of 16 bytes: with
+``N % 4 != 0`` (the check's N = 1030: 24 bytes) the store of those rows is undefined. The first H200 run fits
+those rows never being written: the last ``N % block_n`` tokens returned whatever the recycled output buffer
+held (different on each call: the non-bit-identical repeats; stale logit-sized floats: lse errors ~11, target
+errors ~1, sum errors ~0.5%), and the split-2 case, whose outputs were already padded, was the only check case
+not reported failing. The Mosaic GPU interpreter performs the partial store (the CPU tests at N = 70 pass), so
+it hid the problem.
+The outputs are now always padded to whole row blocks (``debug="unpadded_out"`` keeps the old store, only to
+reproduce the failure on a GPU).
+
+Debug variants (``debug=`` of :func:`lse_forward_mosaic`, for benchmarks/mosaic_gpu_check.py): ``"row_max"``
+returns the running row max instead of the lse (softmax sum not used), ``"unpadded_out"`` the pre-fix
+``(N,)`` output store.
 
 Edges: N, V and D need not be multiples of the tiles. TMA reads outside an array are zero-filled on Hopper (and
-in the Mosaic GPU interpreter), so D padding contributes 0 to the products and padded rows are computed but never
-written; columns >= V are set to -inf before the max/sum and excluded from the target and the sum of logits (the
-1-D bias copy may leave stale SMEM past V, which the same mask hides).
+in the Mosaic GPU interpreter), so D padding contributes 0 to the products and padded rows are computed, written
+into the padded outputs and sliced off; columns >= V are set to -inf before the max/sum and excluded from the
+target and the sum of logits (the 1-D bias copy may leave stale SMEM past V, which the same mask hides).
 
 Precision: bf16 and fp16 inputs only (products accumulate in float32 in wgmma). float32 inputs are rejected
 (wgmma would run them as TF32): the dispatcher keeps the Triton kernel (IEEE products) for float32.
@@ -202,7 +223,7 @@ def _smem_transforms(swizzle: int, dtype) -> tuple:
 
 
 def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, cfg: MosaicForwardConfig,
-            need_sum: bool, dtype, bias_dtype):
+            need_sum: bool, dtype, bias_dtype, debug: str | None = None):
     bn, bv, bd, S, cw = cfg.block_n, cfg.block_v, cfg.block_d, cfg.stages, cfg.compute_wgs
     W = cfg.tile_v
     kd = cdiv(p.d, bd)
@@ -211,6 +232,9 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
     split_out = cfg.v_splits > 1
     ROW = plgpu.Layout.WGMMA.reduce(1)
     COL = plgpu.Layout.WGMMA.reduce(0)
+
+    def final_stat(m, s):
+        return m if debug == "row_max" else finish_lse(m, s)
 
     c_tile = (bv, bd) if p.layout == "vd" else (bd, bv)  # one TMA copy per compute warpgroup (<= 256 wide)
     transforms = _smem_transforms(pick_swizzle(p, cfg, dtype), dtype)
@@ -359,7 +383,7 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
             @pl.when(wg == 0)
             def _compute_wg():
                 m, s, zt, zs = compute(0)
-                write(finish_lse(m, s), zt, zs)
+                write(final_stat(m, s), zt, zs)
         else:
             @pl.when(wg < cw)
             def _compute_wg():
@@ -379,7 +403,7 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
                         m1, s1, zt1, zs1 = (plgpu.load(stat_smem.at[other, i], layout=ROW) for i in range(4))
                         m0, s0 = merge_stats(m0, s0, m1, s1)
                         zt0, zs0 = zt0 + zt1, zs0 + zs1
-                    write(finish_lse(m0, s0), zt0, zs0)
+                    write(final_stat(m0, s0), zt0, zs0)
 
     _run_scoped(body, scratch)
 
@@ -403,7 +427,10 @@ def _resolve_interpret(interpret):
     return interpret
 
 
-@functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "interpret"))
+DEBUG_MODES = (None, "row_max", "unpadded_out")
+
+
+@functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "interpret", "debug"))
 def lse_forward_mosaic(
     e: jax.Array,
     c: jax.Array,
@@ -414,6 +441,7 @@ def lse_forward_mosaic(
     cfg: MosaicForwardConfig,
     need_sum: bool,
     interpret=False,
+    debug: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Per-token ``(lse, target_logit, sum_logits)`` of ``softcap(e @ c^T + bias)``, all float32 (N,).
 
@@ -421,9 +449,14 @@ def lse_forward_mosaic(
     ``bias`` (V,) any float dtype or None (must match ``p.has_bias``); ``targets`` (N,) int32 local column ids,
     ``-1`` (or any id outside [0, V)) gives a target logit of 0. ``sum_logits`` is zeros unless ``need_sum``.
     ``interpret``: False (compiled, Hopper GPU), True (Mosaic GPU interpreter with default parameters) or a
-    ``plgpu.InterpretGPUParams``. See the module docstring for the grid, the block layout and the limits.
+    ``plgpu.InterpretGPUParams``. ``debug``: None (normal), ``"row_max"`` (first output is the row max of the
+    logits instead of the lse) or ``"unpadded_out"`` (the pre-fix (N,) output store, broken on the GPU when
+    ``N % 4 != 0``; only to reproduce that). See the module docstring for the grid, the block layout and the
+    limits.
     """
     check_supported(e, c, p, cfg)
+    if debug not in DEBUG_MODES:
+        raise ValueError(f"debug={debug!r} must be one of {DEBUG_MODES}")
     if (bias is not None) != p.has_bias:
         raise ValueError("bias must be given exactly when p.has_bias")
     targets = targets.astype(jnp.int32)
@@ -431,15 +464,19 @@ def lse_forward_mosaic(
         # TMA copies of e are tiled in 8-row groups over the whole array: pad e (only e, never c) to 8k rows.
         e = jnp.pad(e, ((0, 8 - p.n % 8), (0, 0)))
     bias_dtype = None if bias is None else bias.dtype
-    kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum, dtype=e.dtype, bias_dtype=bias_dtype)
+    kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum, dtype=e.dtype, bias_dtype=bias_dtype,
+                               debug=debug)
     if bias is None:
         kernel = functools.partial(_without_bias, kernel)
     args = (e, c, targets) if bias is None else (e, c, bias, targets)
     n_tiles = cdiv(p.n, cfg.block_n)
+    # Whole row blocks only: a store into an (N,) array would be a bulk copy clamped to 4 * (N % block_n)
+    # bytes for the last block, undefined unless a multiple of 16 (module docstring, "Output stores").
+    n_out = p.n if debug == "unpadded_out" else n_tiles * cfg.block_n
     if cfg.v_splits > 1:
         out = jax.ShapeDtypeStruct((cfg.v_splits, n_tiles * cfg.block_n), jnp.float32)
     else:
-        out = jax.ShapeDtypeStruct((p.n,), jnp.float32)
+        out = jax.ShapeDtypeStruct((n_out,), jnp.float32)
     f = plgpu.kernel(
         kernel,
         out_type=(out, out, out),
@@ -453,7 +490,12 @@ def lse_forward_mosaic(
     )
     lse, zt, zs = f(*args)
     if cfg.v_splits > 1:
-        lse, zt, zs = merge_splits(lse, zt, zs, p.n)
+        if debug == "row_max":
+            lse, (_, zt, zs) = lse[:, :p.n].max(axis=0), merge_splits(lse, zt, zs, p.n)
+        else:
+            lse, zt, zs = merge_splits(lse, zt, zs, p.n)
+    elif lse.shape[0] != p.n:
+        lse, zt, zs = lse[:p.n], zt[:p.n], zs[:p.n]
     return lse, zt, zs
 
 

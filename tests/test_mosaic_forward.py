@@ -189,3 +189,42 @@ def test_lowers_for_h200(case):
 
     text = lower_for_h200(fn, *structs)
     assert "mosaic_gpu" in text
+
+
+def test_output_stores_are_whole_row_blocks(monkeypatch):
+    """The first H200 run's failure: an SMEM->GMEM store of the last, partial row block into an (N,) output is a
+    bulk copy clamped to 4 * (N % block_n) bytes (24 at N = 1030), undefined unless a multiple of 16; the rows
+    were not written. Every store must now cover a whole row block of a padded output."""
+    from jax.experimental.mosaic.gpu import launch_context
+    from jax._src.lib.mlir import ir
+
+    stores = []
+    orig = launch_context.LaunchContext.async_copy
+
+    def spy(self, *, src_ref, dst_ref, **kw):
+        dst_ty = ir.MemRefType(dst_ref.type)
+        if dst_ty.memory_space is None:  # GMEM destination: a store
+            stores.append(tuple(dst_ty.shape))
+        return orig(self, src_ref=src_ref, dst_ref=dst_ref, **kw)
+
+    monkeypatch.setattr(launch_context.LaunchContext, "async_copy", spy)
+    n, d, v = 1030, 1008, 50264
+    p = Problem(n=n, d=d, v=v)
+    S = jax.ShapeDtypeStruct
+    for debug, expect_padded in ((None, True), ("unpadded_out", False)):
+        stores.clear()
+        lower_for_h200(lambda e, c, t: mf.lse_forward_mosaic(e, c, None, t, p=p, cfg=CFG, need_sum=True,
+                                                             debug=debug),
+                       S((n, d), jnp.bfloat16), S((v, d), jnp.bfloat16), S((n,), jnp.int32))
+        assert len(stores) == 3, stores
+        assert all((s[-1] % CFG.block_n == 0) == expect_padded for s in stores), stores
+
+
+def test_debug_row_max():
+    for cfg in (CFG, dataclasses.replace(CFG, v_splits=2)):
+        p = Problem(n=70, d=80, v=328, has_bias=True, softcap=3.0)
+        e, c, bias, t = _inputs(70, 80, 328, "vd", jnp.bfloat16, True)
+        m, _, _ = mf.lse_forward_mosaic(e, c, bias, t, p=p, cfg=cfg, need_sum=False, interpret=True, debug="row_max")
+        z = np.asarray(e.astype(jnp.float32), np.float64) @ np.asarray(c.astype(jnp.float32), np.float64).T
+        z = 3.0 * np.tanh((z + np.asarray(bias, np.float64)[None]) / 3.0)
+        np.testing.assert_allclose(np.asarray(m), z.max(axis=1), rtol=1e-5, atol=1e-5)
