@@ -1,15 +1,17 @@
 """Logits of a chunk of tokens, stored once for the three-pass training path, with their exact statistics.
 
-Grid: ``(cdiv(N, block_n),)``; program ``i`` owns tokens ``[i * block_n, (i + 1) * block_n)`` and streams the
-vocabulary in ``block_v`` columns, like :mod:`pallas_kernels.lse_forward`. For every (block_n, block_v) tile
-of ``z = softcap(e @ c^T + bias)`` it
+Grid: ``(cdiv(N, block_n), splits)``; program ``(i, k)`` owns tokens ``[i * block_n, (i + 1) * block_n)`` and
+the k-th of ``splits`` equal runs of vocabulary tiles, which it streams in ``block_v`` columns like
+:mod:`pallas_kernels.lse_forward`. A chunk has few row blocks, so the vocabulary splits are what fill the GPU.
+For every (block_n, block_v) tile of ``z = softcap(e @ c^T + bias)`` it
 
 1. writes ``z - m`` in the buffer's (half) precision, where ``m`` is the tile's row maximum, and writes ``m``
    (float32) to a (N, cdiv(V, block_v)) array; storing each tile relative to its own maxima keeps nearly full
    relative precision for every entry that carries probability, whatever the logits' magnitude;
 2. folds the tile into the online max / sum of exponentials, the target logit and (if asked) the sum of logits.
 
-It ends by writing the float32 lse, target logit and sum of logits per token. Columns past V are stored as
+It ends by writing its float32 partial statistics (running max, sum of exponentials, target logit, sum of
+logits) per token; :func:`logits_chunk` combines the splits into lse, target logit and sum of logits. Columns past V are stored as
 ``-inf`` (so their probability, and gradient, is exactly 0) and the buffer has ``cdiv(V, block_v) * block_v``
 columns.
 """
@@ -29,10 +31,15 @@ from pallas_kernels.lse_forward import ForwardConfig
 from pallas_kernels.tiles import Problem
 
 
-def _kernel(e_ref, c_ref, b_ref, t_ref, z_ref, m_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, cfg: ForwardConfig,
-            need_sum: bool):
+def _kernel(e_ref, c_ref, b_ref, t_ref, z_ref, m_ref, mx_ref, se_ref, zt_ref, zs_ref, *, p: Problem,
+            cfg: ForwardConfig, need_sum: bool, splits: int):
     bn, bv = cfg.block_n, cfg.block_v
     n0 = pl.program_id(0) * bn
+    split = pl.program_id(1)
+    num_tiles = tiles.cdiv(p.v, bv)
+    per_split = tiles.cdiv(num_tiles, splits)
+    first = split * per_split
+    last = jnp.minimum(first + per_split, num_tiles)
     nmask = tiles.in_bounds(n0, bn, p.n, p.n % bn == 0)
     targets = tiles.load_1d(t_ref, n0, bn, nmask, other=-1)
 
@@ -56,15 +63,19 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, z_ref, m_ref, lse_ref, zt_ref, zs_ref, *
 
     zeros = jnp.zeros((bn,), jnp.float32)
     init = (jnp.full((bn,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
-    m, s, zt, zs = lax.fori_loop(0, tiles.cdiv(p.v, bv), vocab_step, init)
+    stats = lax.fori_loop(first, last, vocab_step, init)
 
-    # Phase 2: one float32 scalar of each statistic per token.
-    tiles.store_1d(lse_ref, n0, bn, nmask, m + jnp.log(s))
-    tiles.store_1d(zt_ref, n0, bn, nmask, zt)
-    tiles.store_1d(zs_ref, n0, bn, nmask, zs)
+    # Phase 2: this split's partial statistics, one float32 scalar each per token.
+    for ref, value in zip((mx_ref, se_ref, zt_ref, zs_ref), stats):
+        tiles.store_2d(ref, split, 1, None, n0, bn, nmask, value[None, :])
 
 
-@functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "dtype", "interpret"))
+def default_splits(n: int, v: int, cfg: ForwardConfig, programs: int = 264) -> int:
+    """Vocabulary splits that give about ``programs`` programs (two per SM of an H100/H200)."""
+    return max(1, min(tiles.cdiv(v, cfg.block_v), tiles.cdiv(programs, tiles.cdiv(n, cfg.block_n))))
+
+
+@functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "splits", "dtype", "interpret"))
 def logits_chunk(
     e: jax.Array,
     c: jax.Array,
@@ -74,6 +85,7 @@ def logits_chunk(
     p: Problem,
     cfg: ForwardConfig,
     need_sum: bool,
+    splits: int | None = None,
     dtype=None,
     interpret: bool = False,
 ):
@@ -81,23 +93,28 @@ def logits_chunk(
 
     ``z_rel`` is (N, T * block_v) in ``dtype`` (default: e's), T = cdiv(V, block_v); ``m`` is (N, T) float32,
     so ``z[:, v] = z_rel[:, v] + m[:, v // block_v]``. The rest are float32 (N,) as in
-    :func:`pallas_kernels.lse_forward.lse_forward`.
+    :func:`pallas_kernels.lse_forward.lse_forward`. ``splits``: vocabulary splits (default
+    :func:`default_splits`).
     """
     num_tiles = tiles.cdiv(p.v, cfg.block_v)
-    kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum)
+    splits = splits or default_splits(p.n, p.v, cfg)
+    kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum, splits=splits)
     if bias is None:
         kernel = functools.partial(_without_bias, kernel)
     args = (e, c, targets) if bias is None else (e, c, bias, targets)
-    row = tiles.out_struct((p.n,), jnp.float32, *args)
-    return pl.pallas_call(
+    part = tiles.out_struct((splits, p.n), jnp.float32, *args)
+    z_rel, m, mx, se, zt, zs = pl.pallas_call(
         kernel,
         out_shape=(tiles.out_struct((p.n, num_tiles * cfg.block_v), dtype or e.dtype, *args),
-                   tiles.out_struct((p.n, num_tiles), jnp.float32, *args), row, row, row),
-        grid=(tiles.cdiv(p.n, cfg.block_n),),
+                   tiles.out_struct((p.n, num_tiles), jnp.float32, *args), part, part, part, part),
+        grid=(tiles.cdiv(p.n, cfg.block_n), splits),
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
         interpret=interpret,
         name="cce_logits_chunk",
     )(*args)
+    top = mx.max(axis=0)
+    lse = top + jnp.log(jnp.sum(se * jnp.exp(mx - top[None, :]), axis=0))
+    return z_rel, m, lse, zt.sum(axis=0), zs.sum(axis=0)
 
 
 def _without_bias(kernel, e_ref, c_ref, *refs):
