@@ -5,6 +5,7 @@ logits) followed by optax's cross-entropy, in float32. Skipped when tunix is not
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,17 +13,18 @@ import numpy as np
 import optax
 import pytest
 
-pytest.importorskip("tunix.models.gemma.model", exc_type=ImportError)
-nnx = pytest.importorskip("flax.nnx")
-
-from tunix.models.gemma import model as gemma  # noqa: E402
-from tunix.models.gemma3 import model as gemma3  # noqa: E402
-from tunix.models.gemma4 import model as gemma4  # noqa: E402
-from tunix.models.llama3 import model as llama3  # noqa: E402
-from tunix.models.qwen2 import model as qwen2  # noqa: E402
-from tunix.models.qwen3 import model as qwen3  # noqa: E402
-from tunix.sft import peft_trainer  # noqa: E402
-from tunix.sft import utils as sft_utils  # noqa: E402
+with warnings.catch_warnings():  # Tunix 0.1.7's imports of APIs that jax 0.11 deprecates
+    warnings.simplefilter("ignore", DeprecationWarning)
+    pytest.importorskip("tunix.models.gemma.model", exc_type=ImportError)
+    from tunix.models.gemma import model as gemma  # noqa: E402
+    from tunix.models.gemma3 import model as gemma3  # noqa: E402
+    from tunix.models.gemma4 import model as gemma4  # noqa: E402
+    from tunix.models.llama3 import model as llama3  # noqa: E402
+    from tunix.models.qwen2 import model as qwen2  # noqa: E402
+    from tunix.models.qwen3 import model as qwen3  # noqa: E402
+    from tunix.sft import peft_trainer  # noqa: E402
+    from tunix.sft import utils as sft_utils  # noqa: E402
+from flax import nnx  # noqa: E402
 
 import cce_jax  # noqa: E402
 from cce_jax.adapters import tunix as cce_tunix  # noqa: E402
@@ -312,3 +314,25 @@ def test_lora_on_the_classifier_is_refused():
     model.lm_head.w_lora = nnx.LoRAParam(jnp.zeros((D, 2)))
     with pytest.raises(ValueError, match="model.lm_head \\(the classifier\\) has LoRA parameters"):
         cce_tunix.classifier(model)
+
+
+@pytest.mark.parametrize("name", ["gemma3_bf16", "qwen2_bf16_compute"])
+def test_low_precision_models(name):
+    """Gemma 3's default bfloat16 parameters, and Qwen2 computing in bfloat16 over float32 parameters (the
+    adapter then casts the hidden states, never the weights): the float32 loss is close to the model's own
+    bfloat16 logits with optax."""
+    rngs = nnx.Rngs(0)
+    if name == "gemma3_bf16":
+        model = gemma3.Gemma3(gemma3.ModelConfig(num_layers=2, num_embed=V, sliding_window_size=4, **_common),
+                              rngs=rngs)
+    else:
+        model = qwen2.Qwen2(qwen2.ModelConfig(num_layers=2, vocab_size=V, rope_theta=10_000, norm_eps=1e-6,
+                                              dtype=jnp.bfloat16, **_common), rngs=rngs)
+    head = cce_tunix.classifier(model)
+    assert head.weight.dtype == (jnp.bfloat16 if name == "gemma3_bf16" else jnp.float32)
+    tokens, positions, attention_mask = _inputs()
+    targets = _ignore(tokens)
+    loss = cce_tunix.linear_cross_entropy(model, tokens, targets, positions, attention_mask, shift=1, impl="xla")
+    assert loss.dtype == jnp.float32
+    np.testing.assert_allclose(float(loss), float(_dense_loss(model, tokens, targets, positions, attention_mask)),
+                               rtol=2e-2)
