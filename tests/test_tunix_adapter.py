@@ -18,6 +18,7 @@ with warnings.catch_warnings():  # Tunix 0.1.7's imports of APIs that jax 0.11 d
     pytest.importorskip("tunix.models.gemma.model", exc_type=ImportError)
     from tunix.models.gemma import model as gemma  # noqa: E402
     from tunix.models.gemma3 import model as gemma3  # noqa: E402
+    from tunix.models.gemma3 import vision as gemma3_vision  # noqa: E402
     from tunix.models.gemma4 import model as gemma4  # noqa: E402
     from tunix.models.llama3 import model as llama3  # noqa: E402
     from tunix.models.qwen2 import model as qwen2  # noqa: E402
@@ -182,6 +183,38 @@ def test_loss_and_grads_match_model_logits(name, impl):
     _assert_grads_close(grads, ref_grads)
     if impl == "xla":
         _check_no_copies(name, tokens, positions, attention_mask)
+
+
+def test_gemma3_with_images():
+    """A Gemma 3 with a (toy) SigLIP encoder: image soft tokens merged by the model's own input step, and the
+    loss and every gradient (vision encoder included) equal to those of model(..., images=...)."""
+    placeholder, n_img = 7, 4
+    vision_config = gemma3_vision.SigLIPConfig(
+        num_mm_tokens_per_image_prepool=n_img, num_mm_tokens_per_image=n_img, image_height=28, image_width=28,
+        width=16, depth=1, mlp_dim=32, num_heads=2, soft_token_placeholder=placeholder)
+    model = gemma3.Gemma3(gemma3.ModelConfig(num_layers=1, num_embed=V, sliding_window_size=4,
+                                             param_dtype=jnp.float32, vision_config=vision_config, **_common),
+                          rngs=nnx.Rngs(0))
+    tokens, positions, attention_mask = _inputs()
+    tokens = jnp.where(tokens == placeholder, placeholder + 1, tokens).at[:, 2:2 + n_img].set(placeholder)
+    images = jax.random.uniform(jax.random.key(1), (B, 28, 28, 3))
+    targets = jnp.where(tokens == placeholder, -100, _ignore(tokens))
+
+    def ours(m):
+        return cce_tunix.linear_cross_entropy(m, tokens, targets, positions, attention_mask, images=images,
+                                              shift=1, impl="xla")
+
+    def theirs(m):
+        logits, _ = m(tokens, positions, None, attention_mask, images=images)
+        labels = targets[:, 1:]
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], jnp.maximum(labels, 0))
+        return jnp.sum(jnp.where(labels != -100, nll, 0.0)) / jnp.sum(labels != -100)
+
+    loss, grads = nnx.value_and_grad(ours)(model)
+    ref, ref_grads = nnx.value_and_grad(theirs)(model)
+    np.testing.assert_allclose(float(loss), float(ref), rtol=1e-5)
+    _assert_grads_close(grads, ref_grads)
+    assert any("vision_encoder" in jax.tree_util.keystr(p) for p, _ in _params(grads))
 
 
 @pytest.mark.parametrize("name", ["gemma2", "qwen2"])

@@ -8,18 +8,14 @@ to and including the final norm by calling the model's own submodules (``embedde
 the layout it is stored in, never copied or transposed: the tied embedding table ``embedder.input_embedding``
 ``(V, D)`` as ``classifier_layout="vd"``, an untied ``lm_head.w`` ``(D, V)`` as ``"dv"``.
 
-Covered (Tunix 0.1.7, ``tunix.models.<family>.model``):
+Covered (Tunix 0.1.7, class ``tunix.models.<family>.model.<Class>``, and subclasses):
 
-============  =====================  ===========================================  =======================
-family        class                  classifier                                    head detail
-============  =====================  ===========================================  =======================
-``gemma``     ``Gemma`` (1, 2)       tied embedding table                          ``final_logit_softcap``
-``gemma3``    ``Gemma3``             tied embedding table                          text and image inputs
-``gemma4``    ``Gemma4``             tied embedding table                          ``final_logit_softcap``
-``llama3``    ``Llama3``             ``lm_head.w``, or the table (weight_tying)
-``qwen2``     ``Qwen2``              ``lm_head.w``, or the table (tied)
-``qwen3``     ``Qwen3`` (dense, MoE) ``lm_head.w``, or the table (tied)
-============  =====================  ===========================================  =======================
+- ``gemma``: ``Gemma`` (Gemma 1 and 2), tied embedding table, ``final_logit_softcap`` from the config;
+- ``gemma3``: ``Gemma3``, tied table, image inputs (``images=``) merged by the model's own input step;
+- ``gemma4``: ``Gemma4``, tied table, ``final_logit_softcap``, per-layer inputs and KV sharing between layers;
+- ``llama3``: ``Llama3``, ``lm_head.w``, or the table with ``weight_tying``;
+- ``qwen2``: ``Qwen2``, ``lm_head.w``, or the table with ``use_tied_embedding``;
+- ``qwen3``: ``Qwen3`` (dense and MoE), ``lm_head.w``, or the table with ``use_tied_embedding``.
 
 The models' ``output_hidden_states=True`` hook (Gemma, Gemma 3, Qwen) is not used: it sows the hidden states
 but still computes the logits.
