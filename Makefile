@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	@if [ ! -e "$(VENV)" ]; then $(PYTHON) -m venv "$(VENV)" && touch "$(MARKER)"; fi
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,tunix]" && $(PY) -m pip install -q --no-deps google-tunix==0.1.7  # README: Tunix models
 	touch $@
 
 demo: $(VENV)/.installed

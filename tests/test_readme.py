@@ -1,11 +1,15 @@
-"""The README's examples run: every ```python block in order in one namespace, and the ```python multi-device
-blocks (vocabulary parallelism on a (2, 4) mesh) in a subprocess with 8 virtual CPU devices."""
+"""The README's examples run: every ```python block in order in one namespace, the ```python multi-device
+blocks (vocabulary parallelism on a (2, 4) mesh) in a subprocess with 8 virtual CPU devices, and the
+```python tunix blocks (each in its own namespace) when tunix is importable."""
 
 import os
 import pathlib
 import re
 import subprocess
 import sys
+import warnings
+
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
@@ -28,6 +32,19 @@ def test_readme_examples_run():
             exec(compile(block, f"README.md block {i}", "exec"), namespace)
         except Exception as err:  # name the block: a README example that fails is a documentation bug
             raise AssertionError(f"README python block {i} failed: {err!r}\n{block}") from err
+
+
+def test_readme_tunix_examples_run():
+    pytest.importorskip("tunix.models.gemma.model", exc_type=ImportError)
+    blocks = _blocks(" tunix")
+    assert blocks
+    for i, block in enumerate(blocks):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # Tunix 0.1.7 on flax 0.12 / jax 0.11
+            try:
+                exec(compile(block, f"README.md tunix block {i}", "exec"), {})
+            except Exception as err:
+                raise AssertionError(f"README python tunix block {i} failed: {err!r}\n{block}") from err
 
 
 def test_readme_multi_device_examples_run():
