@@ -16,8 +16,8 @@ $(VENV)/.installed: pyproject.toml
 		echo "Remove it yourself or run make with VENV=<another path>." >&2; exit 1; fi
 	@if [ ! -e "$(VENV)" ]; then $(PYTHON) -m venv "$(VENV)" && touch "$(MARKER)"; fi
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q -e ".[test,tunix]" && $(PY) -m pip install -q --no-deps google-tunix==0.1.7  # README: Tunix models
+	$(PY) -m pip install -q -e ".[test,tunix]"
+	$(PY) -m pip install -q --no-deps google-tunix==0.1.7  # its declared dependencies are too heavy: README, Tunix models
 	touch $@
 
 demo: $(VENV)/.installed
