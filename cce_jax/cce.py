@@ -1,6 +1,8 @@
 """impl="cce" and its presets: the Pallas (Triton) kernels behind ``jax.custom_vjp``.
 
-Forward: :func:`pallas_kernels.lse_forward.lse_forward` gives per-token ``(lse, target_logit, sum_logits)``;
+Forward: :func:`pallas_kernels.lse_forward.lse_forward` (Triton; on Hopper GPUs the Mosaic GPU kernel
+:func:`pallas_kernels.mosaic_forward.lse_forward_mosaic` where it applies) gives per-token
+``(lse, target_logit, sum_logits)``;
 only ``lse`` is saved. Backward: a loop over vocabulary chunks; each chunk's logit gradient is formed by
 :func:`pallas_kernels.backward.logit_grad` (with per-tile filter flags) and consumed by the block-sparse
 products :func:`~pallas_kernels.backward.accumulate_de` and :func:`~pallas_kernels.backward.write_dc`.
@@ -28,6 +30,7 @@ from cce_jax.vma import varying_like
 from pallas_kernels import tiles
 from pallas_kernels.backward import BackwardConfig, accumulate_de, expand_live, live_lists, logit_grad, write_dc
 from pallas_kernels.lse_forward import ForwardConfig, lse_forward
+from pallas_kernels.mosaic_forward import MosaicForwardConfig
 from pallas_kernels.tiles import Problem
 
 
@@ -50,6 +53,9 @@ class KernelConfig:
         this computes dE with XLA's dense product; below it the block-sparse kernel skips dead tiles.
       chunk_dc_cond: make the same run-time choice for dC (XLA may then copy dC once per chunk); by default a
         side that may filter dC always uses the block-sparse kernel.
+      forward_backend: ``"auto"`` (the Mosaic GPU forward on Hopper GPUs where it applies, see
+        :func:`use_mosaic_forward`; the Triton forward elsewhere), ``"triton"`` or ``"mosaic"``.
+      mosaic: tiles of the Mosaic GPU forward (measured fastest of the candidates on an H200, 2026-12-01).
     """
 
     forward: ForwardConfig = ForwardConfig()
@@ -59,8 +65,15 @@ class KernelConfig:
     chunk_tokens: int | None = None
     chunk_dense_fraction: float = 0.6
     chunk_dc_cond: bool = False
+    forward_backend: str = "auto"
+    mosaic: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=4,
+                                                      compute_wgs=2, v_splits=2)
 
     def __post_init__(self):
+        if self.forward_backend not in ("auto", "triton", "mosaic"):
+            raise ValueError(
+                f'KernelConfig.forward_backend must be "auto", "triton" or "mosaic", got {self.forward_backend!r}'
+            )
         for name, block in (
             ("forward.block_n", self.forward.block_n), ("forward.block_v", self.forward.block_v),
             ("forward.block_d", self.forward.block_d), ("backward.block_n", self.backward.block_n),
@@ -181,10 +194,46 @@ def _problem(e, c, bias, spec: LogitSpec) -> Problem:
     )
 
 
+HOPPER_KINDS = ("H100", "H200", "H800", "GH200")
+
+
+def _varies(*xs) -> bool:
+    return any(x is not None and jax.typeof(x).mat.varying for x in xs)
+
+
+def use_mosaic_forward(e, c, bias, p: Problem, config: KernelConfig, interpret: bool) -> bool:
+    """Whether the forward runs the Mosaic GPU kernel (:mod:`pallas_kernels.mosaic_forward`).
+
+    ``config.forward_backend="auto"``: on Hopper GPUs (compiled, not interpret mode), for half-precision inputs
+    and shapes its bulk copies support, outside ``shard_map`` axes it would have to declare (its outputs carry
+    no varying-axes types); everywhere else the Triton forward. ``"mosaic"`` requires it (and raises where it
+    cannot run), ``"triton"`` never uses it.
+    """
+    backend = config.forward_backend
+    if backend == "triton":
+        return False
+    from pallas_kernels import mosaic_forward  # noqa: PLC0415
+
+    if backend == "mosaic":
+        mosaic_forward.check_supported(e, c, p, config.mosaic)
+        return True
+    if interpret or jax.default_backend() != "gpu" or jnp.dtype(e.dtype).itemsize != 2 or _varies(e, c, bias):
+        return False
+    kind = jax.devices()[0].device_kind
+    return any(k in kind for k in HOPPER_KINDS) and mosaic_forward.supports(e, c, p, config.mosaic)
+
+
 def _forward(e, c, bias, targets, spec, config, interpret):
     p = _problem(e, c, bias, spec)
-    return TokenStats(*lse_forward(e, c, bias, targets, p=p, cfg=config.forward, need_sum=spec.need_sum,
-                                   interpret=interpret))
+    if use_mosaic_forward(e, c, bias, p, config, interpret):
+        from pallas_kernels.mosaic_forward import lse_forward_mosaic  # noqa: PLC0415
+
+        stats = lse_forward_mosaic(e, c, bias, targets, p=p, cfg=config.mosaic, need_sum=spec.need_sum,
+                                   interpret=interpret)
+    else:
+        stats = lse_forward(e, c, bias, targets, p=p, cfg=config.forward, need_sum=spec.need_sum,
+                            interpret=interpret)
+    return TokenStats(*stats)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))

@@ -228,3 +228,40 @@ def test_debug_row_max():
         z = np.asarray(e.astype(jnp.float32), np.float64) @ np.asarray(c.astype(jnp.float32), np.float64).T
         z = 3.0 * np.tanh((z + np.asarray(bias, np.float64)[None]) / 3.0)
         np.testing.assert_allclose(np.asarray(m), z.max(axis=1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,expected", [("mosaic", True), ("triton", False)])
+def test_loss_dispatches_the_mosaic_forward(backend, expected):
+    """``impl=KernelConfig(forward_backend=...)`` routes the loss's forward (evaluation) through the Mosaic GPU
+    kernel or the Triton one; lowered for an H200 inside the jitted public loss."""
+    import dataclasses
+
+    import cce_jax
+    from cce_jax import cce
+
+    cfg = dataclasses.replace(cce.DEFAULT, forward_backend=backend)
+    S = jax.ShapeDtypeStruct
+
+    def fn(e, c, t):
+        return cce_jax.linear_cross_entropy(e, c, t, impl=cfg, interpret=False, softcap=30.0)
+
+    text = lower_for_h200(fn, S((1030, 1008), jnp.bfloat16), S((50264, 1008), jnp.bfloat16), S((1030,), jnp.int32))
+    assert ("mosaic_gpu" in text) == expected
+    if not expected:
+        assert "cce_lse_forward" in text  # the Triton kernel's name
+
+
+def test_auto_backend_keeps_triton_off_hopper():
+    """Off a GPU (and in interpret mode) ``forward_backend="auto"`` never picks the Mosaic kernel."""
+    import dataclasses
+
+    from cce_jax import cce
+
+    e = jnp.zeros((128, 64), jnp.bfloat16)
+    c = jnp.zeros((512, 64), jnp.bfloat16)
+    p = Problem(n=128, d=64, v=512)
+    assert not cce.use_mosaic_forward(e, c, None, p, cce.DEFAULT, interpret=True)
+    forced = dataclasses.replace(cce.DEFAULT, forward_backend="mosaic")
+    with pytest.raises(NotImplementedError):  # D = 1000 and V = 50257 break the Mosaic copies' tiling
+        cce.use_mosaic_forward(jnp.zeros((128, 1000), jnp.bfloat16), jnp.zeros((50257, 1000), jnp.bfloat16), None,
+                               Problem(n=128, d=1000, v=50257), forced, False)
