@@ -395,6 +395,9 @@ def _version(module: str) -> str:
 
 
 def _git_commit() -> str:
+    """$CCE_BENCH_COMMIT if set (a copied checkout's .git can be stale), else ``git rev-parse``."""
+    if os.environ.get("CCE_BENCH_COMMIT"):
+        return os.environ["CCE_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
@@ -402,7 +405,7 @@ def _git_commit() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("CCE_BENCH_COMMIT") or "unknown"
+    return "unknown"
 
 
 # --------------------------------------------------------------------------------------------------------------

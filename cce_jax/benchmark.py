@@ -791,7 +791,10 @@ def _resolve(args: argparse.Namespace) -> dict:
 
 
 def _git_commit() -> str:
-    """``git rev-parse --short HEAD`` of this checkout, else $CCE_BENCH_COMMIT, else "unknown"."""
+    """$CCE_BENCH_COMMIT if set (a copied checkout's .git can be stale), else ``git rev-parse --short HEAD`` of
+    this checkout, else "unknown"."""
+    if os.environ.get("CCE_BENCH_COMMIT"):
+        return os.environ["CCE_BENCH_COMMIT"]
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).resolve().parent,
                              capture_output=True, text=True, timeout=10)
@@ -799,7 +802,7 @@ def _git_commit() -> str:
             return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         pass
-    return os.environ.get("CCE_BENCH_COMMIT") or "unknown"
+    return "unknown"
 
 
 def _metadata(cfg: dict, argv: Sequence[str], isolate: bool) -> dict:

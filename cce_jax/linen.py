@@ -62,8 +62,9 @@ class LinearCrossEntropyHead(nn.Module):
       kernel_axes, bias_axes: logical axis names for partitioning, e.g. ``("embed", "vocab")`` and
         ``("vocab",)``; they wrap the initializers with ``nn.with_logical_partitioning``.
       ignore_index, softcap, reduction, shift, label_smoothing, filter_eps, accum_e_fp32, accum_c_fp32,
-        filter_e_grad, filter_c_grad, impl, vocab_parallel, interpret, check_targets: defaults for the loss
-        options of :func:`cce_jax.linear_cross_entropy`, each overridable per call. ``softcap`` also caps the
+        filter_e_grad, filter_c_grad, impl, vocab_parallel, interpret, check_targets, z_loss, grad_path,
+        max_temp_bytes: defaults for the loss options of :func:`cce_jax.linear_cross_entropy`, each overridable
+        per call. ``softcap`` also caps the
         logits returned for inference.
     """
 
@@ -90,6 +91,9 @@ class LinearCrossEntropyHead(nn.Module):
     vocab_parallel: Any = None
     interpret: bool | None = None
     check_targets: bool = False
+    z_loss: float = 0.0
+    grad_path: str = "auto"
+    max_temp_bytes: int | None = None
 
     @property
     def loss_options(self) -> dict[str, Any]:

@@ -45,6 +45,9 @@ LOSS_OPTIONS: tuple[str, ...] = (
     "vocab_parallel",
     "interpret",
     "check_targets",
+    "z_loss",
+    "grad_path",
+    "max_temp_bytes",
 )
 
 
@@ -148,8 +151,9 @@ class LinearCrossEntropyHead(nnx.Module):
       kernel_metadata, bias_metadata: ``Variable`` metadata, e.g. ``{"out_sharding": ("embed", "vocab")}``.
       rngs: needed when the head creates a parameter.
       ignore_index, softcap, reduction, shift, label_smoothing, filter_eps, accum_e_fp32, accum_c_fp32,
-        filter_e_grad, filter_c_grad, impl, vocab_parallel, interpret, check_targets: defaults for the loss
-        options of :func:`cce_jax.linear_cross_entropy`, each overridable per call. ``softcap`` also caps the
+        filter_e_grad, filter_c_grad, impl, vocab_parallel, interpret, check_targets, z_loss, grad_path,
+        max_temp_bytes: defaults for the loss options of :func:`cce_jax.linear_cross_entropy`, each overridable
+        per call. ``softcap`` also caps the
         logits returned for inference.
     """
 
@@ -181,6 +185,9 @@ class LinearCrossEntropyHead(nnx.Module):
         vocab_parallel: Any = None,
         interpret: bool | None = None,
         check_targets: bool = False,
+        z_loss: float = 0.0,
+        grad_path: str = "auto",
+        max_temp_bytes: int | None = None,
     ):
         for name, value in (("in_features", in_features), ("vocab_size", vocab_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -199,7 +206,8 @@ class LinearCrossEntropyHead(nnx.Module):
             ("label_smoothing", label_smoothing), ("filter_eps", filter_eps), ("accum_e_fp32", accum_e_fp32),
             ("accum_c_fp32", accum_c_fp32), ("filter_e_grad", filter_e_grad), ("filter_c_grad", filter_c_grad),
             ("impl", impl), ("vocab_parallel", vocab_parallel), ("interpret", interpret),
-            ("check_targets", check_targets),
+            ("check_targets", check_targets), ("z_loss", z_loss), ("grad_path", grad_path),
+            ("max_temp_bytes", max_temp_bytes),
         )
         self.kernel: nnx.Param | None
         if tied:

@@ -100,7 +100,10 @@ def test_tied_head_borrows_embedding(rng):
     assert_close(value, ref.loss, jnp.float32, "loss", "tied loss", scale=ref.loss_scale)
     assert_close(de, ref_de, jnp.float32, "grad", "tied de")
     assert_close(dtable, ref_dc, jnp.float32, "grad", "tied dtable")
-    assert float(as_module) == float(as_variable) == float(value)
+    # The value under differentiation comes from the three-pass computation, the others from the one-pass
+    # forward: equal up to float32 rounding.
+    assert float(as_module) == float(as_variable)
+    np.testing.assert_allclose(float(value), float(as_module), rtol=1e-6)
 
 
 def test_tied_head_in_model_trains_embedding():

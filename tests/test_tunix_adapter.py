@@ -36,7 +36,9 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 V, D, H, B, T = 509, 32, 64, 2, 8  # a prime vocabulary: no block size divides it
 IMPLS = ("xla", "dense")
-SMALL_BLOCKS = cce_jax.XlaConfig(block_n=8, block_v=128)  # several vocabulary blocks at V = 509
+# Several vocabulary blocks at V = 509 (recompute path) and 8-token chunks (three-pass path), so neither holds
+# the (B, T, V) logits at once.
+SMALL_BLOCKS = cce_jax.XlaConfig(block_n=8, block_v=128, chunk_tokens=8)
 
 _common = dict(embed_dim=D, hidden_dim=H, num_heads=2, head_dim=16, num_kv_heads=1)
 _A3, _A4 = gemma.AttentionType, gemma4.AttentionType

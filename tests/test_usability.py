@@ -51,14 +51,15 @@ def test_auto_on_gpu_keeps_kernels(monkeypatch):
 def spy_impls(monkeypatch):
     """Records which implementation's token_stats ran."""
     ran = []
-    for name, lib in (("dense", dense_lib), ("xla", xla_lib)):
-        original = lib.token_stats
+    for name, lib, entry in (("dense", dense_lib, "token_stats"), ("xla", xla_lib, "token_stats"),
+                             ("xla", xla_lib, "training_impl")):
+        original = getattr(lib, entry)
 
         def spy(*args, _original=original, _name=name, **kwargs):
             ran.append(_name)
             return _original(*args, **kwargs)
 
-        monkeypatch.setattr(lib, "token_stats", spy)
+        monkeypatch.setattr(lib, entry, spy)
     return ran
 
 

@@ -1,4 +1,5 @@
-"""impl="xla" never materialises the (N, V) logits: its compiled temporary memory is O(block), not O(N * V).
+"""impl="xla" never materialises the (N, V) logits: its compiled temporary memory is O(block) on the one-pass
+forward and the recompute path, and O(one chunk of logits) on the three-pass path, never O(N * V).
 
 Only compilation happens here (``jit(...).lower(...).compile().memory_analysis()`` on abstract shapes), so the
 large shape costs no execution time. The dense implementation is compiled at the same shape as a control: it
@@ -20,9 +21,12 @@ LOGITS_BYTES = N * V * F32  # 268 MB
 TILE_BYTES = BLOCKS.block_n * BLOCKS.block_v * F32  # 1 MB
 
 
-def _temp_bytes(impl, grad: bool) -> int:
+BUDGET = 8 * 2**20  # three-pass: the chunk's logits buffer
+
+
+def _temp_bytes(impl, grad: bool, **options) -> int:
     def loss(e, c, bias, targets):
-        return linear_cross_entropy(e, c, targets, bias, impl=impl, softcap=30.0, filter_eps=None)
+        return linear_cross_entropy(e, c, targets, bias, impl=impl, softcap=30.0, filter_eps=None, **options)
 
     fn = jax.value_and_grad(loss, argnums=(0, 1, 2)) if grad else loss
     args = (
@@ -48,10 +52,19 @@ def _xla_bound(grad: bool) -> int:
 
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "value_and_grad"])
 def test_xla_temp_memory_is_blockwise(grad):
-    temp = _temp_bytes(BLOCKS, grad)
+    temp = _temp_bytes(BLOCKS, grad, grad_path="recompute")
     bound = _xla_bound(grad)
     assert bound < LOGITS_BYTES / 20  # the bound itself is far below the logits
     assert temp <= bound, f"xla temp {temp / 2**20:.1f} MiB exceeds the blockwise bound {bound / 2**20:.1f} MiB"
+
+
+def test_three_pass_temp_memory_follows_the_budget():
+    """The three-pass path holds one chunk: its float32 logits and their gradient (float32 here: f32 inputs),
+    plus an elementwise temporary of the same size at most, the float32 dE rows and per-token vectors."""
+    temp = _temp_bytes(BLOCKS, True, grad_path="three_pass", max_temp_bytes=BUDGET)
+    bound = 2 * BUDGET + N * D * F32 + 16 * N * F32
+    assert bound < LOGITS_BYTES / 10
+    assert temp <= bound, f"three-pass temp {temp / 2**20:.1f} MiB exceeds {bound / 2**20:.1f} MiB"
 
 
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "value_and_grad"])

@@ -1,0 +1,649 @@
+"""The three-pass training path (:mod:`cce_jax.three_pass`), z-loss, ``grad_path`` and ``max_temp_bytes`` against the
+float64 reference.
+
+Two implementations run the path: plain XLA (``XlaConfig(chunk_tokens=16)``) and the Pallas kernels in interpret
+mode (``KERNELS``: 16 x 32 tiles, chunks of 32 tokens). Shapes are unaligned on purpose: N = 39 tokens give 3 XLA
+chunks / 2 kernel chunks with a padded last one, V = 131 (prime) gives 5 kernel vocabulary tiles with a ragged last
+one (3 columns), D = 37 is not a multiple of any block. Every scalar loss is differentiated with a non-unit
+cotangent (the backward rule scales the gradients the forward rule stored). CPU compile time dominates, so the
+number of distinct compiled programs is kept small.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cce_jax import KernelConfig, XlaConfig, compute_z_loss, linear_cross_entropy
+from cce_jax import three_pass as three_pass_lib
+from pallas_kernels.backward import BackwardConfig
+from pallas_kernels.lse_forward import ForwardConfig
+from reference import (
+    Tolerance,
+    assert_close,
+    f64,
+    make_inputs,
+    reference_grads,
+    reference_loss,
+    reference_z_loss,
+    reference_z_loss_lse_grad,
+    run_loss_vjp,
+)
+
+XLA = XlaConfig(block_n=8, block_v=16, chunk_tokens=16)
+KERNELS = KernelConfig(
+    forward=ForwardConfig(block_n=16, block_v=32, block_d=32),
+    backward=BackwardConfig(block_n=16, block_v=32, block_d=32, block_dout=32),
+    chunk_tokens=32,
+)
+IMPLS = [pytest.param(XLA, id="xla"), pytest.param(KERNELS, id="kernels")]
+BATCH = (3, 13)
+D, V = 37, 131
+G_LOSS = -0.37  # cotangent of every scalar loss: neither 1 nor positive
+
+_SEMANTIC = ("softcap", "reduction", "shift", "label_smoothing")
+
+
+def _is_kernel(impl) -> bool:
+    return isinstance(impl, KernelConfig)
+
+
+def _vjp(inputs, impl, g_loss, g_lse=None, **options):
+    """jit(vjp) of the library; the kernels run in interpret mode (no warning)."""
+    return run_loss_vjp(inputs, g_loss, g_lse, impl=impl, interpret=True, **options)
+
+
+def _reduction_factor(inputs, reduction, shift):
+    """float64 per-token coefficient of a token's loss in the reduced loss (flat, after shift): weight (1.0
+    without weights) on valid tokens, divided by the weights' sum for "mean"."""
+    t = np.asarray(inputs.targets)
+    w = np.ones(t.shape) if inputs.weights is None else f64(inputs.weights)
+    if shift:
+        t, w = t[..., shift:], w[..., shift:]
+    w = np.where(t != inputs.ignore_index, w, 0.0)
+    if reduction == "mean":
+        w = w / (w.sum() if w.sum() else 1.0)
+    return w
+
+
+def _expected(inputs, g_loss, g_lse=None, z_loss=0.0, **options):
+    """float64 loss, lse and ``(de, dc, dbias)`` (with their rounding scales) of ``loss + z_loss * R(lse^2)``,
+    ``R`` the loss's reduction with its weights (as api.py defines z_loss), for cotangents ``g_loss`` (loss) and
+    ``g_lse`` (the returned lse)."""
+    sem = {k: options[k] for k in _SEMANTIC if k in options}
+    reduction, shift = sem.get("reduction", "mean"), sem.get("shift", 0)
+    ref = reference_loss(inputs.e, inputs.c, inputs.targets, **inputs.kwargs(), **sem)
+    loss, loss_scale = ref.loss, ref.loss_scale
+    h = np.zeros(ref.lse.shape) if g_lse is None else f64(g_lse)
+    if z_loss:
+        k = _reduction_factor(inputs, reduction, shift)
+        z_tok = z_loss * k * np.square(ref.lse)
+        loss = loss + (z_tok if reduction == "none" else z_tok.sum())
+        loss_scale = loss_scale + float(np.abs(z_tok).max() if reduction == "none" else np.abs(z_tok).sum())
+        h = h + z_loss * 2.0 * ref.lse * k * np.broadcast_to(f64(g_loss), ref.lse.shape)
+    grads, scales = reference_grads(inputs.e, inputs.c, inputs.targets, g_loss=g_loss, g_lse=h, with_scales=True,
+                                    **inputs.kwargs(), **sem)
+    return dict(loss=loss, loss_scale=loss_scale, lse=ref.lse, lse_scale=ref.lse_scale, grads=grads, scales=scales)
+
+
+def _assert_matches(got, want, inputs, what, loss_tol=None, grad_tol=None):
+    loss, lse, grads = got
+    dtype = inputs.e.dtype
+    assert loss.dtype == jnp.float32, f"{what}: loss dtype {loss.dtype}"
+    assert_close(loss, want["loss"], dtype, "loss", f"{what} loss", loss_tol, want["loss_scale"])
+    if lse is not None:
+        assert_close(lse, want["lse"], dtype, "loss", f"{what} lse", loss_tol, want["lse_scale"])
+    for name, g, ref, scale in zip(("de", "dc", "dbias"), grads, want["grads"], want["scales"]):
+        if ref is None:
+            assert g is None, f"{what}: {name} should be None"
+            continue
+        assert g.dtype == dtype, f"{what}: {name} dtype {g.dtype}"
+        assert_close(g, ref, dtype, "grad", f"{what} {name}", grad_tol, scale)
+
+
+def _check(inputs, impl, *, g_loss=G_LOSS, g_lse=None, what="", loss_tol=None, grad_tol=None, **options):
+    """Runs the library's jit(vjp) and asserts loss, lse and gradients against the reference; returns both."""
+    got = _vjp(inputs, impl, g_loss, g_lse, **options)
+    want = _expected(inputs, g_loss, g_lse, **options)
+    _assert_matches(got, want, inputs, f"{what} impl={type(impl).__name__}", loss_tol, grad_tol)
+    return got, want
+
+
+def _inputs(rng, dtype=jnp.float32, shape=BATCH, d=D, v=V, ignore_rows=None, **flags):
+    inputs = make_inputs(rng, shape, d, v, dtype, **flags)
+    if ignore_rows is not None:  # ignore these flat tokens (e.g. a whole chunk)
+        flat = np.asarray(inputs.targets).reshape(-1).copy()
+        flat[ignore_rows] = inputs.ignore_index
+        inputs = dataclasses.replace(inputs, targets=jnp.asarray(flat.reshape(inputs.targets.shape)))
+    return inputs
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 1. Every option on the three-pass path
+# --------------------------------------------------------------------------------------------------------------
+
+# (id, dtype, input flags, options). Flat tokens 0..31 ignored = XLA chunks 0 and 1 and kernel chunk 0 hold no
+# target at all; with ignore_index=5 an in-vocabulary id is the ignore marker.
+CASES = [
+    ("mean", jnp.float32, dict(), dict(reduction="mean")),
+    ("dv-sum-bias", jnp.float32, dict(layout="dv", bias=True), dict(reduction="sum")),
+    ("mean-weights-shift-ignored", jnp.float32, dict(weights=True, ignore_rows=slice(0, 20)),
+     dict(reduction="mean", shift=2)),
+    ("sum-weights-ignored-chunk", jnp.float32, dict(weights=True, ignore_index=5, ignore_rows=slice(0, 32)),
+     dict(reduction="sum")),
+    ("mean-smooth-softcap-bias", jnp.float32, dict(bias=True, logit_scale=3.0),
+     dict(reduction="mean", label_smoothing=0.2, softcap=2.0)),
+    ("dv-mean-everything", jnp.float32, dict(layout="dv", bias=True, weights=True, logit_scale=3.0),
+     dict(reduction="mean", softcap=3.0, label_smoothing=0.1, shift=1)),
+    ("bf16-mean-softcap-bias", jnp.bfloat16, dict(bias=True, logit_scale=3.0), dict(reduction="mean", softcap=2.0)),
+    ("bf16-dv-sum-weights-shift-bias", jnp.bfloat16, dict(layout="dv", weights=True, bias=True),
+     dict(reduction="sum", shift=1)),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_three_pass_matches_reference(rng, case, impl):
+    """grad_path="three_pass": loss, de, dc, dbias match the float64 reference for a cotangent of -0.37."""
+    case_id, dtype, flags, options = case
+    inputs = _inputs(rng, dtype, **flags)
+    _check(inputs, impl, what=case_id, grad_path="three_pass", **options)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 2. z_loss
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "reduction,impl",
+    [
+        pytest.param("mean", XLA, id="mean-xla"),
+        pytest.param("sum", XLA, id="sum-xla"),
+        pytest.param("none", XLA, id="none-xla"),
+        pytest.param("mean", KERNELS, id="mean-kernels"),
+        pytest.param("sum", KERNELS, id="sum-kernels"),
+    ],
+)
+def test_z_loss_equals_loss_plus_compute_z_loss(rng, reduction, impl):
+    """Without weights, ``z_loss=w`` is ``loss + w * compute_z_loss(lse)`` (same reduction, same valid tokens) in
+    value, and its gradients (three-pass for mean/sum, recompute for "none") match the reference with the z-loss
+    cotangent chained into the lse."""
+    shift, weight = 1, 0.3
+    inputs = _inputs(rng, bias=True, logit_scale=2.0)
+    options = dict(reduction=reduction, shift=shift, softcap=4.0, ignore_index=inputs.ignore_index,
+                   classifier_layout=inputs.layout, impl=impl, interpret=True)
+
+    @jax.jit
+    def both(e, c, bias, targets):
+        plain, lse = linear_cross_entropy(e, c, targets, bias, return_lse=True, **options)
+        with_z = linear_cross_entropy(e, c, targets, bias, z_loss=weight, **options)
+        return with_z, plain + weight * compute_z_loss(lse, targets, shift=shift, reduction=reduction)
+
+    with_z, composed = both(inputs.e, inputs.c, inputs.bias, inputs.targets)
+    assert_close(with_z, f64(composed), jnp.float32, what="z_loss= vs loss + w * compute_z_loss")
+
+    # The reference's unweighted z-loss pieces agree with _expected's weighted formula here (no weights).
+    sem = dict(reduction=reduction, shift=shift, softcap=4.0)
+    ref = reference_loss(inputs.e, inputs.c, inputs.targets, **inputs.kwargs(), **sem)
+    g_loss = rng.standard_normal(ref.lse.shape) if reduction == "none" else G_LOSS
+    want = _expected(inputs, g_loss, z_loss=weight, **sem)
+    assert_close(want["loss"], ref.loss + weight * reference_z_loss(ref.lse, inputs.targets, shift, reduction=reduction),
+                 jnp.float32, what="test's own z-loss reference")
+    chained = reference_grads(inputs.e, inputs.c, inputs.targets, g_loss=g_loss, **inputs.kwargs(), **sem,
+                              g_lse=weight * reference_z_loss_lse_grad(ref.lse, inputs.targets, shift,
+                                                                       reduction=reduction, g=g_loss))
+    for a, b in zip(want["grads"], chained):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+    got = _vjp(inputs, impl, g_loss, z_loss=weight, **sem)
+    _assert_matches(got, want, inputs, f"z_loss {reduction}")
+
+
+@pytest.mark.parametrize(
+    "reduction,impl",
+    [
+        pytest.param("mean", XLA, id="mean-xla"),
+        pytest.param("sum", KERNELS, id="sum-kernels"),
+        pytest.param("none", KERNELS, id="none-kernels"),
+    ],
+)
+def test_z_loss_with_weights_and_smoothing(rng, reduction, impl):
+    """With weights, the z-loss is reduced with the same weights as the loss (api.py: ``w * (nll + z lse^2)``,
+    the mean divided by ``sum(w)``), not the unweighted ``compute_z_loss``; together with label smoothing."""
+    weight = 0.25
+    inputs = _inputs(rng, weights=True, bias=True, layout="dv", logit_scale=2.0)
+    sem = dict(reduction=reduction, shift=2, label_smoothing=0.1)
+    ref = reference_loss(inputs.e, inputs.c, inputs.targets, **inputs.kwargs(), **sem)
+    g_loss = rng.standard_normal(ref.lse.shape) if reduction == "none" else G_LOSS
+    got, want = _check(inputs, impl, g_loss=g_loss, what=f"weighted z_loss {reduction}", z_loss=weight, **sem)
+    if reduction != "none":
+        unweighted = ref.loss + weight * reference_z_loss(ref.lse, inputs.targets, 2, reduction=reduction)
+        assert abs(float(got[0]) - float(unweighted)) > 1e-3, "weights must enter the z-loss"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 3. A differentiated return_lse on the three-pass path, and one that is not differentiated
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_differentiated_lse_on_three_pass_path(rng, impl):
+    """grad_path="auto" + mean is the three-pass path; random non-uniform lse cotangents add the exact recompute
+    VJP to the stored gradients (weights, shift, softcap, bias, z_loss all on)."""
+    inputs = _inputs(rng, weights=True, bias=True, logit_scale=2.0)
+    options = dict(reduction="mean", shift=1, softcap=3.0, z_loss=0.1)
+    g_lse = rng.standard_normal((BATCH[0], BATCH[1] - 1)) * rng.uniform(0.1, 3.0, (BATCH[0], BATCH[1] - 1))
+    _check(inputs, impl, g_lse=g_lse, what="differentiated lse", grad_path="auto", **options)
+
+
+def _count_dots(fn, *args) -> int:
+    return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_undifferentiated_lse_changes_nothing(rng, impl):
+    """return_lse=True whose lse only leaves as aux gives bit-identical gradients to return_lse=False, and the
+    recompute add-on is not even traced (its cotangent is a symbolic zero: no extra dot_general)."""
+    inputs = _inputs(rng, bias=True)
+
+    def loss(return_lse):
+        def f(e, c, bias):
+            out = linear_cross_entropy(e, c, inputs.targets, bias, impl=impl, interpret=True, shift=1,
+                                       return_lse=return_lse)
+            return out if return_lse else (out, None)
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2), has_aux=True))
+
+    args = (inputs.e, inputs.c, inputs.bias)
+    with_lse, (lse) = loss(True)(*args)
+    without, _ = loss(False)(*args)
+    for a, b in zip(with_lse, without):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert lse.shape == (BATCH[0], BATCH[1] - 1)
+    assert _count_dots(loss(True), *args) == _count_dots(loss(False), *args)
+
+    def differentiated(e, c, bias):
+        out, lse = linear_cross_entropy(e, c, inputs.targets, bias, impl=impl, interpret=True, shift=1,
+                                        return_lse=True)
+        return out + 0.5 * lse.sum()
+
+    assert _count_dots(jax.grad(differentiated, argnums=(0, 1, 2)), *args) > _count_dots(loss(False), *args)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 4. reduction="none" (recompute path) with per-token cotangents
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_reduction_none_per_token_cotangents(rng, impl):
+    """grad_path="auto" with reduction "none" takes the recompute path; random per-token cotangents on the loss
+    (and the lse) give exact classifier and hidden-state gradients (Liger's bug was dC for reduction none)."""
+    inputs = _inputs(rng, weights=True, bias=True, layout="dv", logit_scale=2.0)
+    options = dict(reduction="none", shift=1, softcap=3.0, label_smoothing=0.1)
+    shape = (BATCH[0], BATCH[1] - 1)
+    _check(inputs, impl, g_loss=rng.standard_normal(shape) * 2.0, g_lse=rng.standard_normal(shape),
+           what="none", grad_path="auto", **options)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 5. three_pass vs recompute, determinism
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_three_pass_agrees_with_recompute_and_is_deterministic(rng, impl, dtype):
+    inputs = _inputs(rng, dtype, bias=True, weights=True, logit_scale=2.0)
+    options = dict(reduction="mean", softcap=5.0, shift=1)
+
+    def run(grad_path):
+        return _vjp(inputs, impl, G_LOSS, grad_path=grad_path, **options)
+
+    three, again, recompute = run("three_pass"), run("three_pass"), run("recompute")
+    want = _expected(inputs, G_LOSS, **options)
+    _assert_matches(three, want, inputs, "three_pass")
+    _assert_matches(recompute, want, inputs, "recompute")
+    assert_close(three[0], f64(recompute[0]), dtype, "loss", "three_pass vs recompute loss", scale=want["loss_scale"])
+    for name, a, b, scale in zip(("de", "dc", "dbias"), three[2], recompute[2], want["scales"]):
+        assert_close(a, f64(b), dtype, "grad", f"three_pass vs recompute {name}", scale=scale)
+    for a, b in zip(jax.tree.leaves(three), jax.tree.leaves(again)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg="three_pass is not deterministic")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 6. Filtering on the three-pass kernel path
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _peaked_inputs(rng):
+    """LM-like peaked softmax: targets among 8 "frequent" columns carrying a +10 bias, so every other column has
+    probability < 1e-3 and all vocabulary tiles but the first (columns 0..31) may be skipped at filter_eps=1e-2."""
+    inputs = _inputs(rng, bias=True, weights=True)
+    frequent = jnp.asarray(rng.integers(0, 8, BATCH), jnp.int32)
+    targets = jnp.where(inputs.targets == inputs.ignore_index, inputs.targets, frequent)
+    bias = jnp.asarray(rng.standard_normal(V) * 0.5, jnp.float32).at[:8].add(10.0)
+    return dataclasses.replace(inputs, targets=targets, bias=bias)
+
+
+def _filter_bound(inputs, reduction, shift, g_loss, eps):
+    """Largest change of (de, dc, dbias) that skipping entries with ``|p - onehot| < eps`` can make: each skipped
+    logit-gradient entry is ``k_i g (p - onehot)`` with magnitude below ``eps |k_i g|``."""
+    k = np.abs(_reduction_factor(inputs, reduction, shift).reshape(-1) * g_loss)
+    e = f64(inputs.e)
+    e_used = (e[..., : e.shape[-2] - shift, :] if shift else e).reshape(-1, e.shape[-1])
+    c = f64(inputs.c) if inputs.layout == "vd" else f64(inputs.c).T
+    de = np.zeros(e.shape)
+    de_used = eps * k[:, None] * np.abs(c).sum(axis=0)[None, :]
+    if shift:
+        de[..., : e.shape[-2] - shift, :] = de_used.reshape(*e.shape[:-2], e.shape[-2] - shift, e.shape[-1])
+    else:
+        de = de_used.reshape(e.shape)
+    dc = np.broadcast_to(eps * (k[:, None] * np.abs(e_used)).sum(axis=0)[None, :], c.shape)
+    dc = dc if inputs.layout == "vd" else dc.T
+    db = np.full((V,), eps * k.sum())
+    return de, dc, db
+
+
+@pytest.mark.parametrize(
+    "chunk_dense_fraction,chunk_dc_cond,skips",
+    [
+        pytest.param(1.0, False, True, id="block-sparse"),
+        pytest.param(1.0, True, True, id="block-sparse-via-cond"),
+        pytest.param(-1.0, True, False, id="dense"),
+    ],
+)
+def test_three_pass_filtering(rng, chunk_dense_fraction, chunk_dc_cond, skips):
+    """filter_eps=1e-2 on peaked data: the block-sparse products really skip tiles (dC rows of rare columns are
+    exactly zero), the dense products skip nothing; both stay within the filtering bound of the reference."""
+    eps, shift = 1e-2, 1
+    options = dict(reduction="mean", shift=shift, grad_path="three_pass")
+    impl = dataclasses.replace(KERNELS, chunk_dense_fraction=chunk_dense_fraction, chunk_dc_cond=chunk_dc_cond)
+    inputs = _peaked_inputs(rng)
+    want = _expected(inputs, G_LOSS, **options)
+    loss, _, grads = _vjp(inputs, impl, G_LOSS, filter_eps=eps, **options)
+    assert_close(loss, want["loss"], jnp.float32, what="loss (the forward never filters)", scale=want["loss_scale"])
+    tol = Tolerance(1e-5, 1e-5)
+    bounds = _filter_bound(inputs, "mean", shift, G_LOSS, eps)
+    for name, got, ref, bound, scale in zip(("de", "dc", "dbias"), grads, want["grads"], bounds, want["scales"]):
+        err = np.abs(f64(got) - ref)
+        allowed = bound + tol.atol * max(scale, np.abs(ref).max()) + tol.rtol * np.abs(ref)
+        assert (err <= allowed).all(), f"{name}: error {err.max():.3e} beyond the filtering bound"
+        if not skips:
+            assert_close(got, ref, jnp.float32, "grad", f"dense {name}", scale=scale)
+    rare = np.asarray(grads[1])[32:] if inputs.layout == "vd" else np.asarray(grads[1])[:, 32:]
+    if skips:
+        assert np.all(rare == 0.0) and np.all(np.asarray(grads[2])[32:] == 0.0), "no tile was skipped"
+        err = np.abs(f64(grads[0]) - want["grads"][0]).max() / np.abs(want["grads"][0]).max()
+        assert err > 1e-4, f"de: filtering changed nothing (relative error {err:.1e})"
+    else:
+        assert np.all(np.abs(rare).max(axis=1) > 0), "the dense products must not skip"
+    # Without filtering the same config is exact.
+    loss, _, grads = _vjp(inputs, impl, G_LOSS, filter_eps=None, **options)
+    _assert_matches((loss, None, grads), want, inputs, "filter_eps=None")
+
+
+def test_three_pass_filtering_drops_exactly_the_predicted_tiles(rng):
+    """On O(1) logits (a mix of live and skippable tiles) the block-sparse three-pass products equal the float64
+    gradient with exactly the tiles the filtering rule skips dropped: a (16-row block of the padded chunk, 32-column
+    tile) is skipped when no row in it (padding rows, e = 0, included) has a probability >= filter_eps there and
+    no row's target lies in it. filter_eps sits in a wide gap between tile maxima, so float32 cannot flip a tile."""
+    impl = dataclasses.replace(KERNELS, chunk_dense_fraction=1.0)
+    bn, bv, chunk = impl.backward.block_n, impl.forward.block_v, impl.chunk_tokens
+    inputs = _inputs(rng, shape=(39,), bias=True, weights=True, logit_scale=1.5)
+    # Targets in the first tile only (a tile holding a target is always live), ignored ones stay ignored.
+    inputs = dataclasses.replace(inputs, targets=jnp.where(
+        inputs.targets == inputs.ignore_index, inputs.targets, jnp.asarray(rng.integers(0, bv, 39), jnp.int32)))
+    n = 39
+    rows = -(-n // chunk) * chunk
+    e = np.zeros((rows, D))
+    e[:n] = f64(inputs.e)
+    c, bias = f64(inputs.c), f64(inputs.bias)
+    z = e @ c.T + bias
+    p = np.exp(z - z.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    num_tiles = -(-V // bv)
+    p_pad = np.pad(p, ((0, 0), (0, num_tiles * bv - V)))
+    block_max = p_pad.reshape(rows // bn, bn, num_tiles, bv).max(axis=(1, 3))  # (row blocks, tiles)
+    t = np.asarray(inputs.targets)
+    valid = t != inputs.ignore_index
+    target_tile = np.zeros_like(block_max, bool)
+    for i in np.flatnonzero(valid):
+        target_tile[i // bn, t[i] // bv] = True
+    candidates = np.sort(block_max[~target_tile])
+    middle = range(len(candidates) // 4, 3 * len(candidates) // 4)
+    ratio, i = max((candidates[i + 1] / candidates[i], i) for i in middle)
+    assert ratio > 1.05, f"no robust threshold between tile maxima (best gap ratio {ratio})"
+    eps = float(np.sqrt(candidates[i] * candidates[i + 1]))
+    live = target_tile | (block_max >= eps)
+    # One valid token targets a tile that is dead by its probabilities: the target rule alone keeps it live (its
+    # 1 - p entry must never be skipped).
+    r, j = next((r, j) for r, j in zip(*np.nonzero(~live)) if valid[r * bn:(r + 1) * bn].any())
+    t = t.copy()
+    t[r * bn + np.flatnonzero(valid[r * bn:(r + 1) * bn])[0]] = j * bv
+    inputs = dataclasses.replace(inputs, targets=jnp.asarray(t))
+    live[r, j] = True
+    assert 0.1 < live.mean() < 0.9, f"want a mix of live and skipped tiles, got live fraction {live.mean():.2f}"
+
+    # float64 gradient of G_LOSS * mean with the skipped tiles' entries dropped.
+    k = np.zeros(rows)
+    k[:n] = _reduction_factor(inputs, "mean", 0) * G_LOSS
+    onehot = np.zeros_like(p)
+    onehot[np.flatnonzero(valid), t[valid]] = 1.0
+    keep = np.repeat(np.repeat(live, bn, axis=0), bv, axis=1)[:, :V]
+    dz = np.where(keep, k[:, None] * (p - onehot), 0.0)
+    ref = ((dz @ c)[:n], dz.T @ e, dz.sum(axis=0))
+    scales = ((np.abs(dz) @ np.abs(c)).max(), (np.abs(dz).T @ np.abs(e)).max(), np.abs(dz).sum(axis=0).max())
+
+    loss, _, grads = _vjp(inputs, impl, G_LOSS, filter_eps=eps, reduction="mean", grad_path="three_pass")
+    want = _expected(inputs, G_LOSS, reduction="mean")
+    assert_close(loss, want["loss"], jnp.float32, what="loss", scale=want["loss_scale"])
+    for name, got, r, s, exact in zip(("de", "dc", "dbias"), grads, ref, scales, want["grads"]):
+        assert_close(got, r, jnp.float32, "grad", f"{name} with the predicted tiles skipped", scale=s)
+        assert np.abs(r - exact).max() > 1e-3 * np.abs(exact).max(), f"{name}: skipping must matter here"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 7. Edge cases on the three-pass path
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_all_tokens_ignored(rng, impl):
+    """Mean (0/0 guarded) and sum with every option on: loss 0, gradients exactly zero and finite."""
+    inputs = _inputs(rng, bias=True, weights=True, ignore_frac=1.0)
+    assert np.all(np.asarray(inputs.targets) == inputs.ignore_index)
+    options = dict(weights=inputs.weights, impl=impl, interpret=True, shift=1, label_smoothing=0.1, softcap=5.0,
+                   z_loss=0.2, grad_path="three_pass")
+
+    def objective(e, c, bias):
+        mean = linear_cross_entropy(e, c, inputs.targets, bias, reduction="mean", **options)
+        total, lse = linear_cross_entropy(e, c, inputs.targets, bias, reduction="sum", return_lse=True, **options)
+        return G_LOSS * mean + 2.0 * total + jnp.sum(lse), (mean, total, lse)
+
+    (_, outs), grads = jax.jit(jax.value_and_grad(objective, argnums=(0, 1, 2), has_aux=True))(
+        inputs.e, inputs.c, inputs.bias)
+    for x in outs:
+        assert np.all(np.asarray(x) == 0.0), x
+    for g in grads:
+        g = np.asarray(g)
+        assert np.all(np.isfinite(g)) and not np.any(g), g
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize(
+    "shape,v,options",
+    [
+        pytest.param((1,), V, dict(reduction="mean", softcap=2.0), id="N1"),
+        pytest.param((11,), 7, dict(reduction="sum", label_smoothing=0.2), id="V7-below-tile"),
+    ],
+)
+def test_edge_shapes(rng, impl, shape, v, options):
+    inputs = _inputs(rng, shape=shape, v=v, bias=True, ignore_frac=0.0 if shape == (1,) else 0.2)
+    _check(inputs, impl, g_lse=rng.standard_normal(shape), what=f"{shape} V{v}", grad_path="three_pass", **options)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_out_of_range_target_is_nan(rng, impl):
+    """A non-ignored target outside [0, V) gets a NaN coefficient: the loss and the gradients are NaN (the
+    token's dE row and dC), never plausible numbers; other tokens' dE rows stay exact."""
+    inputs = _inputs(rng, shape=(17,), bias=True)
+    bad = [4, 9]
+    targets = inputs.targets.at[4].set(V).at[9].set(-1)
+
+    def f(e, c, bias):
+        return linear_cross_entropy(e, c, targets, bias, impl=impl, interpret=True, grad_path="three_pass")
+
+    loss, (de, dc, db) = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(inputs.e, inputs.c, inputs.bias)
+    assert np.isnan(float(loss))
+    de, dc, db = np.asarray(de), np.asarray(dc), np.asarray(db)
+    assert np.isnan(de[bad]).all(), "the bad tokens' dE rows must be NaN"
+    assert np.isnan(dc).any() and np.isnan(db).any(), "dC / dbias must be NaN"
+    good = np.setdiff1d(np.arange(17), bad)
+    assert np.isfinite(de[good]).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_huge_logits(rng, impl, dtype):
+    """Logits ~1e3: finite loss and gradients matching the reference (float32 logits carry ~1e-3 absolute
+    rounding at that scale, hence the looser float32 gradient tolerance, as in test_semantics)."""
+    inputs = _inputs(rng, dtype, bias=True, weights=True, logit_scale=1e3)
+    grad_tol = Tolerance(2e-3, 2e-3) if dtype == jnp.float32 else None
+    _check(inputs, impl, what="logit scale 1e3", grad_path="three_pass", reduction="mean", shift=1,
+           grad_tol=grad_tol)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 8. Validation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_validation_of_training_options(rng):
+    inputs = _inputs(rng, shape=(5,), v=11, d=4)
+    e, c, t = inputs.e, inputs.c, inputs.targets
+    with pytest.raises(ValueError, match="z_loss must be a float >= 0"):
+        linear_cross_entropy(e, c, t, z_loss=-0.1)
+    with pytest.raises(TypeError, match="z_loss"):
+        linear_cross_entropy(e, c, t, z_loss="0.1")
+    with pytest.raises(TypeError, match="z_loss must be a static"):
+        jax.jit(lambda z: linear_cross_entropy(e, c, t, impl=XLA, z_loss=z))(0.1)
+    with pytest.raises(ValueError, match="grad_path must be one of"):
+        linear_cross_entropy(e, c, t, grad_path="two_pass")
+    with pytest.raises(ValueError, match="max_temp_bytes"):
+        linear_cross_entropy(e, c, t, max_temp_bytes=0)
+    with pytest.raises(TypeError, match="max_temp_bytes"):
+        linear_cross_entropy(e, c, t, max_temp_bytes=1e6)
+    with pytest.raises(TypeError, match="max_temp_bytes"):
+        linear_cross_entropy(e, c, t, max_temp_bytes=True)
+    for kwargs in (dict(reduction="none", impl=XLA), dict(reduction="mean", impl="dense")):
+        with pytest.raises(ValueError, match='grad_path="three_pass" needs a scalar loss'):
+            linear_cross_entropy(e, c, t, grad_path="three_pass", **kwargs)
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        XlaConfig(chunk_tokens=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 9. max_temp_bytes and the plan
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _scan_lengths(jaxpr) -> list[int]:
+    """Lengths of the outermost lax.scans in a (closed) jaxpr (not descending into a scan's body)."""
+    out = []
+
+    def walk(j):
+        for eqn in j.eqns:
+            if eqn.primitive.name == "scan":
+                out.append(eqn.params["length"])
+                continue
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (tuple, list)) else (p,):
+                    if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                        walk(sub.jaxpr)
+                    elif isinstance(sub, jax.extend.core.Jaxpr):
+                        walk(sub)
+
+    walk(jaxpr.jaxpr)
+    return out
+
+
+@pytest.mark.parametrize(
+    "impl,row_align",
+    [pytest.param(XlaConfig(block_n=8, block_v=16), 8, id="xla"),
+     pytest.param(dataclasses.replace(KERNELS, chunk_tokens=None), 16, id="kernels")],
+)
+def test_tiny_budget_uses_smallest_chunks(rng, impl, row_align):
+    """max_temp_bytes=1 still works: chunks of one row block (scan over cdiv(N, row_align) chunks), with the
+    same result as the default budget (one chunk here)."""
+    inputs = _inputs(rng, bias=True, weights=True)
+    options = dict(reduction="mean", shift=1, softcap=4.0, grad_path="three_pass")
+    n = int(np.prod(BATCH))
+
+    def lengths(**extra):
+        def f(e, c, bias):
+            return linear_cross_entropy(e, c, inputs.targets, bias, weights=inputs.weights, impl=impl,
+                                        interpret=True, **options, **extra)
+        return _scan_lengths(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(inputs.e, inputs.c, inputs.bias))
+
+    assert lengths(max_temp_bytes=1) == [-(-n // row_align)]
+    assert lengths() == [1]
+    tiny = _check(inputs, impl, what="max_temp_bytes=1", max_temp_bytes=1, **options)[0]
+    default = _check(inputs, impl, what="default budget", **options)[0]
+    for name, a, b in zip(("de", "dc", "dbias"), tiny[2], default[2]):
+        assert_close(a, f64(b), jnp.float32, "grad", f"tiny vs default budget {name}")
+
+
+def test_plan_fits_budget_at_gemma2_shape():
+    n, d, v, dtype = 8192, 2304, 256000, jnp.bfloat16
+    grad_bytes = 2 * (n * d + v * d)
+    budget = three_pass_lib.default_budget((n, d), (v, d), dtype)
+    assert budget == int(0.45 * grad_bytes)
+    assert three_pass_lib.default_budget((8, 4), (16, 4), jnp.float32) == three_pass_lib.MIN_BUDGET_BYTES
+    # The kernels: bf16 logits only (row_align 64, col_align 256 as the tuned Hopper config).
+    plan = three_pass_lib.make_plan(n, d, v, dtype, budget_bytes=budget, row_align=64, col_align=256)
+    assert plan.chunk * v * 2 <= budget
+    assert plan.chunk * (2 * v + 8 * d) <= budget
+    assert plan.chunk % 64 == 0 and plan.chunk * plan.num_chunks >= n > plan.chunk * (plan.num_chunks - 1)
+    # XLA: float32 logits too.
+    plan = three_pass_lib.make_plan(n, d, v, dtype, budget_bytes=budget, extra_bytes_per_entry=4)
+    assert plan.chunk * v * 6 <= budget and plan.chunk * plan.num_chunks >= n
+    # A budget below one row block still gives one row block.
+    assert three_pass_lib.make_plan(n, d, v, dtype, budget_bytes=1, row_align=64).chunk == 64
+
+
+# --------------------------------------------------------------------------------------------------------------
+# 10. jax.checkpoint
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _hlo_dots(fn, *args) -> int:
+    return len(re.findall(r"\bdot\(", jax.jit(fn).lower(*args).compile().as_text()))
+
+
+def test_checkpoint_gives_same_gradients(rng):
+    """jax.grad(jax.checkpoint(loss)) on the three-pass path gives the gradients of jax.grad(loss).
+
+    (Recorded, not asserted: in the optimized CPU HLO of the XLA path, grad and grad(checkpoint) both hold the 3
+    matmuls of one three-pass forward rule; value_and_grad(checkpoint) holds 4: the forward pass keeps the rule's
+    logits matmul for the value and the backward recomputes the whole rule.)
+    """
+    inputs = _inputs(rng, bias=True)
+
+    def f(e, c, bias):
+        return linear_cross_entropy(e, c, inputs.targets, bias, impl=XLA, grad_path="three_pass", softcap=4.0)
+
+    args = (inputs.e, inputs.c, inputs.bias)
+    plain = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*args)
+    ckpt_loss, ckpt = jax.jit(jax.value_and_grad(jax.checkpoint(f), argnums=(0, 1, 2)))(*args)
+    want = _expected(inputs, 1.0, reduction="mean", softcap=4.0)
+    assert_close(ckpt_loss, want["loss"], jnp.float32, what="checkpointed loss", scale=want["loss_scale"])
+    for name, a, b, ref, scale in zip(("de", "dc", "dbias"), plain, ckpt, want["grads"], want["scales"]):
+        assert_close(a, ref, jnp.float32, "grad", f"plain {name}", scale=scale)
+        assert_close(b, ref, jnp.float32, "grad", f"checkpoint {name}", scale=scale)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
