@@ -43,15 +43,15 @@ def test_kernels_lower_for_cuda(n, d, v, dtype, impl, layout, bias, options):
     text = _lower(n, d, v, dtype, impl=impl, layout=layout, bias=bias, grad_path="recompute", **options)
     for name in ("cce_lse_forward", "cce_logit_grad"):
         assert name in text, f"{name} missing from the lowered module"
-    # The three-pass path runs the block-sparse product of each side that may filter (none with label
-    # smoothing, whose gradient is dense), and no forward or recompute kernel.
+    # The three-pass path runs its chunk logits kernel, the block-sparse product of each side that may filter
+    # (none with label smoothing, whose gradient is dense), and no forward or recompute kernel.
     text = _lower(n, d, v, dtype, impl=impl, layout=layout, bias=bias, grad_path="three_pass", **options)
     backward = cce_lib.options_lib.backward_options(impl, filter_eps=1.0, filter_e_grad=True, filter_c_grad=True,
                                                     accum_e_fp32=False, accum_c_fp32=False)
     smooth = options.get("label_smoothing", 0) > 0
     expected = {"cce_accumulate_de": backward.filters_e and not smooth,
                 "cce_write_dc": backward.filters_c and not smooth,
-                "cce_lse_forward": False, "cce_logit_grad": False}
+                "cce_logits_chunk": True, "cce_lse_forward": False, "cce_logit_grad": False}
     for name, present in expected.items():
         assert (name in text) == present, f"{name} {'missing from' if present else 'unexpected in'} the module"
 
@@ -76,7 +76,7 @@ def test_tuned_table_configs_lower_for_cuda(config):
     for name in KERNEL_NAMES:
         assert name in text
     text = _lower(4096, 2304, 32000, jnp.bfloat16, impl=config, grad_path="three_pass")
-    for name in ("cce_accumulate_de", "cce_write_dc"):
+    for name in ("cce_logits_chunk", "cce_accumulate_de", "cce_write_dc"):
         assert name in text
 
 
@@ -99,6 +99,6 @@ def test_kernels_lower_inside_shard_map_with_check_vma(grad_path):
         return jax.value_and_grad(lambda e, c: sharded(e, c, t), argnums=(0, 1))(e, c)
 
     text = lower_for_cuda(f, S((64, 48), jnp.bfloat16), S((301, 48), jnp.bfloat16), S((64,), jnp.int32))
-    names = KERNEL_NAMES if grad_path == "recompute" else ("cce_accumulate_de", "cce_write_dc")
+    names = KERNEL_NAMES if grad_path == "recompute" else ("cce_logits_chunk", "cce_accumulate_de", "cce_write_dc")
     for name in names:
         assert name in text
