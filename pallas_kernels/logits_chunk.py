@@ -45,7 +45,6 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, z_ref, m_ref, mx_ref, se_ref, zt_ref, zs
 
     # Phase 1: each vocabulary tile is stored relative to its row maxima and folded into the statistics.
     def vocab_step(j, carry):
-        m, s, zt, zs = carry
         v0 = j * bv
         vmask = tiles.in_bounds(v0, bv, p.v, p.v % bv == 0)
         z = tiles.logits_tile(e_ref, c_ref, b_ref, n0, v0, p=p, bn=bn, bv=bv, bd=cfg.block_d,
@@ -53,17 +52,9 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, z_ref, m_ref, mx_ref, se_ref, zt_ref, zs
         m_tile = z.max(axis=1)
         tiles.store_2d(z_ref, n0, bn, nmask, v0, bv, None, (z - m_tile[:, None]).astype(z_ref.dtype))
         tiles.store_2d(m_ref, n0, bn, nmask, j, 1, None, m_tile[:, None])
-        m_new = jnp.maximum(m, m_tile)
-        s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=1)
-        cols = v0 + jnp.arange(bv)
-        zt = zt + jnp.where(cols[None, :] == targets[:, None], z, 0.0).sum(axis=1)
-        if need_sum:
-            zs = zs + (z if vmask is None else jnp.where(vmask[None, :], z, 0.0)).sum(axis=1)
-        return m_new, s, zt, zs
+        return tiles.fold_tile(carry, z, v0 + jnp.arange(bv), targets, vmask, need_sum)
 
-    zeros = jnp.zeros((bn,), jnp.float32)
-    init = (jnp.full((bn,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
-    stats = lax.fori_loop(first, last, vocab_step, init)
+    stats = lax.fori_loop(first, last, vocab_step, tiles.empty_stats(bn))
 
     # Phase 2: this split's partial statistics, one float32 scalar each per token.
     for ref, value in zip((mx_ref, se_ref, zt_ref, zs_ref), stats):

@@ -40,22 +40,13 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
 
     # Phase 1: stream the vocabulary, folding each tile into running statistics.
     def vocab_step(j, carry):
-        m, s, zt, zs = carry
         v0 = j * bv
         vmask = tiles.in_bounds(v0, bv, p.v, p.v % bv == 0)
         z = tiles.logits_tile(e_ref, c_ref, b_ref, n0, v0, p=p, bn=bn, bv=bv, bd=cfg.block_d,
                               nmask=nmask, vmask=vmask)
-        m_new = jnp.maximum(m, z.max(axis=1))
-        s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=1)
-        cols = v0 + jnp.arange(bv)
-        zt = zt + jnp.where(cols[None, :] == targets[:, None], z, 0.0).sum(axis=1)
-        if need_sum:
-            zs = zs + (z if vmask is None else jnp.where(vmask[None, :], z, 0.0)).sum(axis=1)
-        return m_new, s, zt, zs
+        return tiles.fold_tile(carry, z, v0 + jnp.arange(bv), targets, vmask, need_sum)
 
-    zeros = jnp.zeros((bn,), jnp.float32)
-    init = (jnp.full((bn,), -jnp.inf, jnp.float32), zeros, zeros, zeros)
-    m, s, zt, zs = lax.fori_loop(0, tiles.cdiv(p.v, bv), vocab_step, init)
+    m, s, zt, zs = lax.fori_loop(0, tiles.cdiv(p.v, bv), vocab_step, tiles.empty_stats(bn))
 
     # Phase 2: write one float32 scalar per token.
     tiles.store_1d(lse_ref, n0, bn, nmask, m + jnp.log(s))

@@ -138,3 +138,23 @@ def softcap_grad(z: jax.Array, softcap: float | None) -> jax.Array | float:
     if softcap is None:
         return 1.0
     return 1.0 - jnp.square(z / softcap)
+
+
+def fold_tile(carry, z: jax.Array, cols: jax.Array, targets: jax.Array, vmask, need_sum: bool):
+    """Folds one logits tile into the running per-row statistics ``(max, sum of exp, target logit, sum)``.
+
+    The online log-sum-exp recurrence (flash attention's): ``z`` holds -inf outside V; ``cols`` are the tile's
+    global column ids, matched against the rows' ``targets`` (the indexed dot costs no extra pass)."""
+    m, s, zt, zs = carry
+    m_new = jnp.maximum(m, z.max(axis=1))
+    s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[:, None]).sum(axis=1)
+    zt = zt + jnp.where(cols[None, :] == targets[:, None], z, 0.0).sum(axis=1)
+    if need_sum:
+        zs = zs + (z if vmask is None else jnp.where(vmask[None, :], z, 0.0)).sum(axis=1)
+    return m_new, s, zt, zs
+
+
+def empty_stats(rows: int):
+    """The statistics of no columns: max -inf, sums 0."""
+    zeros = jnp.zeros((rows,), jnp.float32)
+    return jnp.full((rows,), -jnp.inf, jnp.float32), zeros, zeros, zeros
