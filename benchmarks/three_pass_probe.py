@@ -8,13 +8,13 @@ time the loss alone. Variants:
 
 - ``baseline``: dense XLA logits + optax (cce_jax.benchmark.baseline_loss);
 - ``recompute``: impl="cce" with grad_path="recompute" (one-pass forward, recomputing backward);
-- ``3p-dense``: impl="cce", three-pass, dense products on every slab;
-- ``3p-sparse``: three-pass, block-sparse products on every slab;
+- ``3p-dense``: impl="cce", three-pass, dense products for every chunk;
+- ``3p-sparse``: three-pass, block-sparse products for every chunk;
 - ``3p-auto``: three-pass, per-chunk choice for dE, block-sparse dC (the default);
 - ``3p-dccond``: three-pass, per-chunk choice for dE and dC (KernelConfig.chunk_dc_cond);
 - ``3p-de``: three-pass, gradient of e only (so dC's cost is 3p-auto minus this);
 - ``xla``, ``cce_exact``: as named;
-- ``slab=W`` / ``budget=xN``: 3p-auto with another slab width / memory budget.
+- ``budget=x2``: 3p-auto with twice the default memory budget.
 
     python3 benchmarks/three_pass_probe.py --shape gemma2,llama3 --data lm,lm-sorted,flat --json probe.json
 """

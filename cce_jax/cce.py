@@ -1,14 +1,19 @@
-"""impl="cce" and its presets: the Pallas (Triton) kernels behind ``jax.custom_vjp``.
+"""impl="cce" and its presets: the Pallas kernels behind ``jax.custom_vjp``.
 
-Forward: :func:`pallas_kernels.lse_forward.lse_forward` (Triton; on Hopper GPUs the Mosaic GPU kernel
-:func:`pallas_kernels.mosaic_forward.lse_forward_mosaic` where it applies) gives per-token
-``(lse, target_logit, sum_logits)``;
-only ``lse`` is saved. Backward: a loop over vocabulary chunks; each chunk's logit gradient is formed by
-:func:`pallas_kernels.backward.logit_grad` (with per-tile filter flags) and consumed by the block-sparse
-products :func:`~pallas_kernels.backward.accumulate_de` and :func:`~pallas_kernels.backward.write_dc`.
-A side that may not skip tiles (no filtering for it) multiplies the same buffer with XLA's dense matmul.
-Temporary memory is the (N, chunk_v) gradient buffer (sized by ``KernelConfig.grad_buffer_bytes``) plus,
-with ``accum_e_fp32``, a float32 copy of dE. On a CPU the same kernels run in Pallas interpret mode.
+Forward (evaluation, and the recompute path's forward): :func:`pallas_kernels.lse_forward.lse_forward`
+(Triton; on Hopper GPUs the Mosaic GPU kernel :func:`pallas_kernels.mosaic_forward.lse_forward_mosaic` where it
+applies, see :func:`use_mosaic_forward`) gives per-token ``(lse, target_logit, sum_logits)``.
+
+Training a scalar loss (:func:`training_impl`, the default): the three-pass path of :mod:`cce_jax.three_pass`
+with :func:`pallas_kernels.logits_chunk.logits_chunk` computing each token chunk's logits once, XLA's dense
+products, and for sides that may filter the block-sparse products :func:`~pallas_kernels.backward.accumulate_de`
+and :func:`~pallas_kernels.backward.write_dc` (``accumulate=True``).
+
+Recompute path (per-token cotangents): only ``lse`` is saved; the backward loops over vocabulary chunks, each
+chunk's logit gradient formed by :func:`pallas_kernels.backward.logit_grad` (with per-tile filter flags) and
+consumed by the block-sparse products; a side that may not skip tiles multiplies the same buffer with XLA's
+dense matmul. Its temporary memory is the (N, chunk_v) gradient buffer (``KernelConfig.grad_buffer_bytes``)
+plus, with ``accum_e_fp32``, a float32 copy of dE. On a CPU the same kernels run in Pallas interpret mode.
 """
 
 from __future__ import annotations
@@ -368,7 +373,7 @@ def training_impl(
     budget_bytes: int,
 ) -> three_pass.TrainingImpl:
     """The three-pass path with the kernels: the Pallas one-pass forward for evaluation; for training, dense
-    XLA products on sides that may not filter and, on sides that may, a per-slab choice between XLA's dense
+    XLA products on sides that may not filter and, on sides that may, a per-chunk choice between XLA's dense
     products and the block-sparse Pallas products."""
     if config is None:
         config = default_config(d, dtype)

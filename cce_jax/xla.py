@@ -239,7 +239,7 @@ def training_impl(
     config: XlaConfig,
     budget_bytes: int,
 ) -> three_pass.TrainingImpl:
-    """The three-pass path in plain XLA: dense products on every slab (no filtering: nothing is skipped)."""
+    """The three-pass path in plain XLA: float32 logits per chunk and dense products (nothing is skipped)."""
     logits = three_pass.XlaLogits(spec)
     plan = three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, chunk=config.chunk_tokens,
                                 extra_bytes_per_entry=logits.bytes_per_entry)
