@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -47,6 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from cce_jax.autotune import median_ms  # noqa: E402
 from pallas_kernels.lse_forward import ForwardConfig, lse_forward  # noqa: E402
 from pallas_kernels.mosaic_forward import MosaicForwardConfig, lse_forward_mosaic  # noqa: E402
 from pallas_kernels.tiles import Problem  # noqa: E402
@@ -70,16 +70,6 @@ TINY_SHAPE = (128, 64, 512)
 TINY_CFGS = ["n64-v128x2-s4", "n64-v256x1-s4", "n128-v128x2-s4", "n64-v256x2-s3"]
 TOL = 1e-3
 INTERPRET = False  # --smoke: tiny shapes, kernels in the Mosaic GPU / Triton interpreters (CPU check of this script)
-
-
-def median_ms(fn, *args, iters: int = 10) -> float:
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
 
 
 def _data(n, d, v, layout, has_bias, seed=0):

@@ -30,7 +30,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from cce_jax import api, benchmark, cce, three_pass
 
