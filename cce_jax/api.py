@@ -19,6 +19,7 @@ import numpy as np
 from cce_jax import checks
 from cce_jax import dense as dense_lib
 from cce_jax import options as options_lib
+from cce_jax import three_pass as three_pass_lib
 from cce_jax import xla as xla_lib
 from cce_jax.options import VocabParallelOptions
 from cce_jax.stats import LogitSpec, LossCoefficients, TokenStats
@@ -140,8 +141,7 @@ def _validate(e, c, targets, bias, weights, *, classifier_layout, reduction, sof
 
 
 def _check_training_options(z_loss, grad_path, max_temp_bytes) -> tuple[float, str, int | None]:
-    if isinstance(z_loss, jax.core.Tracer):
-        raise TypeError("z_loss must be a static Python float (it shapes the computation), got a traced value")
+    checks.require_static("z_loss", z_loss, "float")
     if isinstance(z_loss, (bool, np.bool_)) or not isinstance(z_loss, (numbers.Real, np.floating)):
         raise TypeError(f"z_loss must be a float >= 0, got {z_loss!r}")
     if not z_loss >= 0:
@@ -374,7 +374,8 @@ def linear_cross_entropy(
         return _scalar_loss(
             e2, c, bias, stats_targets, w, valid, out_of_range, shape=shape, shift=shift, reduction=reduction,
             label_smoothing=label_smoothing, z_loss=z_loss, vocab_size=vocab_size, return_lse=return_lse,
-            training=_training_fn(impl_name, impl_config, spec, backward, interpret, e2, c, max_temp_bytes),
+            training=_training_fn(impl_name, impl_config, spec, backward, interpret, e2, c, max_temp_bytes,
+                                  stats_fn),
         )
 
     if num_tokens == 0:
@@ -419,8 +420,6 @@ def _scalar_loss(e2, c, bias, stats_targets, w, valid, out_of_range, *, shape, s
     Each token's weight ``w'`` is its weight, divided by the weights' sum for the mean, and NaN for an
     out-of-range target (so the loss and every gradient are NaN, never plausible numbers).
     """
-    from cce_jax import three_pass as three_pass_lib  # noqa: PLC0415
-
     if reduction == "mean":
         total = w.sum()
         w = w / jnp.where(total == 0, 1.0, total)
@@ -438,19 +437,19 @@ def _scalar_loss(e2, c, bias, stats_targets, w, valid, out_of_range, *, shape, s
     return loss, _unshift(jnp.where(valid, stats.lse, 0.0), shape, shift)
 
 
-def _training_fn(impl_name, impl_config, spec, backward, interpret, e2, c, max_temp_bytes):
-    from cce_jax import three_pass as three_pass_lib  # noqa: PLC0415
-
+def _training_fn(impl_name, impl_config, spec, backward, interpret, e2, c, max_temp_bytes, stats_fn):
+    """The implementation's three-pass pieces; ``stats_fn`` (its recompute path) serves per-token cotangents."""
     n, d = e2.shape
     v = spec.vocab_size(c)
     budget = max_temp_bytes or three_pass_lib.default_budget(e2.shape, c.shape, e2.dtype)
     if impl_name == "xla":
         return xla_lib.training_impl(n, d, v, e2.dtype, spec=spec, backward=backward,
-                                     config=impl_config or xla_lib.XlaConfig(), budget_bytes=budget)
+                                     config=impl_config or xla_lib.XlaConfig(), budget_bytes=budget,
+                                     stats_fn=stats_fn)
     from cce_jax import cce as cce_lib  # noqa: PLC0415
 
     return cce_lib.training_impl(n, d, v, e2.dtype, spec=spec, backward=backward, config=impl_config,
-                                 interpret=interpret, budget_bytes=budget)
+                                 interpret=interpret, budget_bytes=budget, stats_fn=stats_fn)
 
 
 def _stats_fn(impl_name, impl_config, spec, backward, interpret):

@@ -220,7 +220,8 @@ def _generate(key, *, recipe: str, n: int, d: int, v: int, dtype):
 
 @functools.partial(jax.jit, static_argnames=("sample", "eps"))
 def _softmax_stats(e, c, key, *, sample: bool, eps: float):
-    """Per row: softmax entropy, top probability, entries >= eps, and (if ``sample``) a target drawn from it."""
+    """Per row: softmax entropy, top probability, entries >= eps, a target drawn from it (if ``sample``) and the
+    largest probability of each block of LIVE_TILES[0][1] columns."""
     n, v = e.shape[0], c.shape[0]
     precision = lax.Precision.HIGHEST if e.dtype == jnp.float32 else lax.Precision.DEFAULT
 
@@ -235,13 +236,10 @@ def _softmax_stats(e, c, key, *, sample: bool, eps: float):
         p = jnp.exp(z - lse)
         entropy = lse - jnp.sum(p * z)
         target = jnp.argmax(z + jax.random.gumbel(k, z.shape)).astype(jnp.int32) if sample else jnp.int32(0)
-        return entropy, p.max(), jnp.sum(p >= eps, dtype=jnp.float32), target, p
+        block_max = jnp.pad(p, (0, pad)).reshape(-1, block).max(axis=1)
+        return entropy, p.max(), jnp.sum(p >= eps, dtype=jnp.float32), target, block_max
 
-    def row_blocks(args):
-        entropy, top, dense, target, p = row(args)
-        return entropy, top, dense, target, jnp.pad(p, (0, pad)).reshape(-1, block).max(axis=1)
-
-    return lax.map(row_blocks, (e, jax.random.split(key, n)), batch_size=max(1, min(n, _STATS_ELEMENTS // v)))
+    return lax.map(row, (e, jax.random.split(key, n)), batch_size=max(1, min(n, _STATS_ELEMENTS // v)))
 
 
 def live_tile_fractions(block_max: np.ndarray, targets: np.ndarray, eps: float) -> dict[str, float]:

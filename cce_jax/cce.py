@@ -30,7 +30,7 @@ from jax import lax
 from cce_jax import options as options_lib
 from cce_jax import three_pass
 from cce_jax.options import BackwardOptions
-from cce_jax.stats import LogitSpec, TokenStats
+from cce_jax.stats import LogitSpec, TokenStats, TokenStatsFn
 from cce_jax.vma import varying_like
 from pallas_kernels import tiles
 from pallas_kernels.backward import BackwardConfig, accumulate_de, expand_live, live_lists, logit_grad, write_dc
@@ -371,10 +371,12 @@ def training_impl(
     config: KernelConfig | None,
     interpret: bool | None,
     budget_bytes: int,
+    stats_fn: TokenStatsFn,
 ) -> three_pass.TrainingImpl:
     """The three-pass path with the kernels: the Pallas one-pass forward for evaluation; for training, dense
     XLA products on sides that may not filter and, on sides that may, a per-chunk choice between XLA's dense
-    products and the block-sparse Pallas products."""
+    products and the block-sparse Pallas products. ``stats_fn`` is :func:`token_stats` with these options bound
+    (the recompute path)."""
     if config is None:
         config = default_config(d, dtype)
     interpret = resolve_interpret(interpret)
@@ -393,6 +395,5 @@ def training_impl(
         forward=functools.partial(_forward, spec=spec, config=config, interpret=interpret),
         gradients=functools.partial(three_pass.gradients, spec=spec, plan=plan, logits=logits,
                                     accum_c_fp32=backward.accum_c_fp32, sparse=sparse),
-        stats_fn=functools.partial(token_stats, spec=spec, backward=backward, config=config,
-                                   interpret=interpret),
+        stats_fn=stats_fn,
     )

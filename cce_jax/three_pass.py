@@ -157,10 +157,8 @@ class KernelLogits:
 
     def __call__(self, e_k, t_k, c, bias):
         from pallas_kernels.logits_chunk import logits_chunk  # noqa: PLC0415
-        from pallas_kernels.tiles import Problem  # noqa: PLC0415
 
-        p = Problem(n=e_k.shape[0], d=e_k.shape[1], v=self.spec.vocab_size(c), layout=self.spec.layout,
-                    softcap=self.spec.softcap, has_bias=bias is not None)
+        p = _problem(e_k.shape[0], e_k.shape[1], self.spec.vocab_size(c), self.spec, bias is not None)
         return logits_chunk(e_k, c, bias, t_k, p=p, cfg=self.config, need_sum=self.spec.need_sum,
                             interpret=self.interpret)
 
@@ -217,10 +215,10 @@ def _live_tiles(m, lse, t_k, tile: int, sparse: SparseProducts):
     return live.reshape(rows // bn, bn, -1).any(axis=1).astype(jnp.int32)
 
 
-def _problem(g, d: int, v: int, spec: LogitSpec, has_bias: bool = False):
+def _problem(n: int, d: int, v: int, spec: LogitSpec, has_bias: bool = False):
     from pallas_kernels.tiles import Problem  # noqa: PLC0415
 
-    return Problem(n=g.shape[0], d=d, v=v, layout=spec.layout, softcap=spec.softcap, has_bias=has_bias)
+    return Problem(n=n, d=d, v=v, layout=spec.layout, softcap=spec.softcap, has_bias=has_bias)
 
 
 def _live_fraction(live):
@@ -244,7 +242,7 @@ def _chunk_de(g, c, live, *, v, vaxis, spec, sparse):
     def sparse_de():
         zeros = varying_like(jnp.zeros((g.shape[0], d), jnp.float32), g, c)
         return kernels.accumulate_de(g, cols_of_row, count_of_row, c, jnp.zeros((1,), jnp.int32), zeros,
-                                     p=_problem(g, d, v, spec), cfg=cfg, interpret=sparse.interpret)
+                                     p=_problem(g.shape[0], d, v, spec), cfg=cfg, interpret=sparse.interpret)
 
     return lax.cond(_live_fraction(live) > sparse.dense_fraction, dense, sparse_de)
 
@@ -267,7 +265,7 @@ def _chunk_dc(g, e_k, dc, db, col_sum, live, *, v, spec, sparse):
     def sparse_dc(dc, db):
         db_in = varying_like(jnp.zeros((1,), jnp.float32), dc) if db is None else db
         dc, db_out = kernels.write_dc(g, rows_of_col, count_of_col, e_k, jnp.zeros((1,), jnp.int32), dc, db_in,
-                                      p=_problem(g, e_k.shape[1], v, spec, db is not None), cfg=cfg,
+                                      p=_problem(g.shape[0], e_k.shape[1], v, spec, db is not None), cfg=cfg,
                                       accumulate=True, interpret=sparse.interpret)
         return dc, (None if db is None else db_out)
 

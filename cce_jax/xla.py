@@ -25,7 +25,7 @@ from jax import lax
 from cce_jax import logits as logits_lib
 from cce_jax import three_pass
 from cce_jax.options import BackwardOptions
-from cce_jax.stats import LogitSpec, TokenStats
+from cce_jax.stats import LogitSpec, TokenStats, TokenStatsFn
 from cce_jax.vma import varying_like
 
 
@@ -238,8 +238,10 @@ def training_impl(
     backward: BackwardOptions,
     config: XlaConfig,
     budget_bytes: int,
+    stats_fn: TokenStatsFn,
 ) -> three_pass.TrainingImpl:
-    """The three-pass path in plain XLA: float32 logits per chunk and dense products (nothing is skipped)."""
+    """The three-pass path in plain XLA: float32 logits per chunk and dense products (nothing is skipped).
+    ``stats_fn`` is :func:`token_stats` with these options bound (the recompute path)."""
     logits = three_pass.XlaLogits(spec)
     plan = three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, chunk=config.chunk_tokens,
                                 extra_bytes_per_entry=logits.bytes_per_entry)
@@ -247,5 +249,5 @@ def training_impl(
         forward=functools.partial(_forward, spec=spec, config=config),
         gradients=functools.partial(three_pass.gradients, spec=spec, plan=plan, logits=logits,
                                     accum_c_fp32=backward.accum_c_fp32),
-        stats_fn=functools.partial(token_stats, spec=spec, backward=backward, config=config),
+        stats_fn=stats_fn,
     )

@@ -225,17 +225,12 @@ def _write_dc_kernel(vs_ref, g_ref, rows_ref, count_ref, e_ref, dc_in_ref, db_in
     acc, colsum = lax.fori_loop(0, count, add_tile, (jnp.zeros((bv, bo), jnp.float32), colsum0))
 
     def store():
-        if p.layout == "vd":
-            if accumulate:
-                prev = tiles.load_2d(dc_ref, v0, bv, vmask, d0, bo, dmask).astype(jnp.float32)
-                tiles.store_2d(dc_ref, v0, bv, vmask, d0, bo, dmask, (prev + acc).astype(dc_ref.dtype))
-            else:
-                tiles.store_2d(dc_ref, v0, bv, vmask, d0, bo, dmask, acc.astype(dc_ref.dtype))
-        else:
-            out = acc.T
-            if accumulate:
-                out = tiles.load_2d(dc_ref, d0, bo, dmask, v0, bv, vmask).astype(jnp.float32) + out
-            tiles.store_2d(dc_ref, d0, bo, dmask, v0, bv, vmask, out.astype(dc_ref.dtype))
+        # The (rows, cols) window of dC this program owns: (classifier rows, hidden) for "vd", transposed for "dv".
+        window = (v0, bv, vmask, d0, bo, dmask) if p.layout == "vd" else (d0, bo, dmask, v0, bv, vmask)
+        out = acc if p.layout == "vd" else acc.T
+        if accumulate:
+            out = tiles.load_2d(dc_ref, *window).astype(jnp.float32) + out
+        tiles.store_2d(dc_ref, *window, out.astype(dc_ref.dtype))
         if p.has_bias:
             @pl.when(k == 0)
             def _():
