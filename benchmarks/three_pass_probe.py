@@ -7,14 +7,18 @@ relative difference of loss and gradients to ``cce_exact`` (float32 accumulation
 time the loss alone. Variants:
 
 - ``baseline``: dense XLA logits + optax (cce_jax.benchmark.baseline_loss);
-- ``recompute``: impl="cce" with grad_path="recompute" (one-pass forward, recomputing backward);
-- ``3p-dense``: impl="cce", three-pass, dense products for every chunk;
-- ``3p-sparse``: three-pass, block-sparse products for every chunk;
-- ``3p-auto``: three-pass, per-chunk choice for dE, block-sparse dC (the default);
-- ``3p-dccond``: three-pass, per-chunk choice for dE and dC (KernelConfig.chunk_dc_cond);
-- ``3p-de``: three-pass, gradient of e only (so dC's cost is 3p-auto minus this);
+- ``cce``: impl="cce" as shipped (three-pass; Mosaic GPU logits chunk on Hopper, in-place gradient, dE chosen
+  per chunk, dC chosen once per call from a sampled row block);
+- ``3p-triton``: the same with the Pallas-Triton logits chunk (``forward_backend="triton"``);
+- ``3p-dc-sparse`` / ``3p-dc-chunk``: dC always block-sparse / chosen per chunk (``KernelConfig.chunk_dc``);
+- ``3p-dense``: dense products for every chunk;
+- ``3p-de``: gradient of e only (so dC's cost is ``cce`` minus this);
+- ``recompute``: grad_path="recompute" (one-pass forward, recomputing backward);
 - ``xla``, ``cce_exact``: as named;
-- ``budget=x2``: 3p-auto with twice the default memory budget.
+- ``budget=x2``: ``cce`` with twice the default memory budget.
+
+``--passes`` times the pieces of one chunk step in isolation (the logits pass on either kernel, the in-place
+gradient, the products), each as the difference of cumulative jitted steps, scaled to the call's chunk count.
 
     python3 benchmarks/three_pass_probe.py --shape gemma2,llama3 --data lm,lm-sorted,flat --json probe.json
 """
@@ -39,20 +43,97 @@ def _config(d, dtype, **changes):
 
 
 def variants(d, dtype, grad_bytes):
-    base = dict(impl="cce")
-    out = {
+    cfg = lambda **kw: dict(impl=_config(d, dtype, **kw))  # noqa: E731
+    return {
         "baseline": ("baseline", {}),
-        "recompute": ("lib", dict(base, grad_path="recompute")),
-        "3p-dense": ("lib", dict(impl=_config(d, dtype, chunk_dense_fraction=-1.0, chunk_dc_cond=True))),
-        "3p-sparse": ("lib", dict(impl=_config(d, dtype, chunk_dense_fraction=1.0))),
-        "3p-dccond": ("lib", dict(impl=_config(d, dtype, chunk_dc_cond=True))),
-        "3p-auto": ("lib", dict(base)),
-        "3p-de": ("lib-e", dict(base)),
+        "cce": ("lib", dict(impl="cce")),
+        "3p-triton": ("lib", cfg(forward_backend="triton")),
+        "3p-dc-sparse": ("lib", cfg(chunk_dc="sparse")),
+        "3p-dc-chunk": ("lib", cfg(chunk_dc="per_chunk")),
+        "3p-dense": ("lib", cfg(chunk_dense_fraction=-1.0, chunk_dc="dense")),
+        "3p-de": ("lib-e", dict(impl="cce")),
+        "recompute": ("lib", dict(impl="cce", grad_path="recompute")),
         "xla": ("lib", dict(impl="xla")),
         "cce_exact": ("lib", dict(impl="cce_exact")),
-        "budget=x2": ("lib", dict(base, max_temp_bytes=int(2 * three_pass.DEFAULT_BUDGET_FRACTION * grad_bytes))),
+        "budget=x2": ("lib", dict(impl="cce",
+                                  max_temp_bytes=int(2 * three_pass.DEFAULT_BUDGET_FRACTION * grad_bytes))),
     }
-    return out
+
+
+def passes(shape: str, recipe: str, data, iters: int):
+    """Per-piece timing of one chunk step of ``impl="cce"`` (bf16, mean loss), scaled to the whole call."""
+    from cce_jax.stats import LogitSpec, LossCoefficients
+
+    n, d, v = benchmark.SHAPES[shape]
+    e, c, t = data.e, data.c, data.targets
+    config = cce.default_config(d, e.dtype)
+    spec = LogitSpec()
+    plan = three_pass.make_plan(n, d, v, e.dtype, budget_bytes=three_pass.default_budget(e.shape, c.shape, e.dtype),
+                                row_align=max(config.mosaic_chunk.block_n, config.forward.block_n,
+                                              config.backward.block_n),
+                                col_align=max(config.forward.block_v, config.mosaic_chunk.tile_v))
+    k = plan.chunk
+    e_k, t_k = e[:k], t[:k]
+    coeffs = LossCoefficients(jnp.full((k,), 1.0 / n), jnp.full((k,), -1.0 / n), jnp.zeros((k,)), jnp.zeros((k,)))
+    sparse = three_pass.SparseProducts(filter_eps=2.0 ** -12, filter_e=True, filter_c=True,
+                                       dense_fraction=config.chunk_dense_fraction, config=config.backward,
+                                       interpret=False)
+    rows = []
+
+    def record(name, fn, *args, donate=None):
+        try:
+            f = jax.jit(fn, donate_argnums=donate) if donate is not None else jax.jit(fn)
+            out = jax.block_until_ready(f(*args))
+            times = []
+            for _ in range(iters):
+                if donate is not None:
+                    args = (out,) + args[1:]
+                t0 = time.perf_counter()
+                out = jax.block_until_ready(f(*args))
+                times.append((time.perf_counter() - t0) * 1e3)
+            ms = statistics.median(times)
+            rows.append(dict(shape=shape, data=recipe, piece=name, chunk=k, chunks=plan.num_chunks,
+                             ms_chunk=ms, ms_call=ms * plan.num_chunks))
+        except Exception as exc:  # noqa: BLE001
+            rows.append(dict(shape=shape, data=recipe, piece=name, error=f"{type(exc).__name__}: {exc}"[:300]))
+        print(json.dumps(rows[-1]), flush=True)
+
+    for backend in ("mosaic", "triton"):
+        logits = cce.ChunkLogits(spec, dataclasses.replace(config, forward_backend=backend), False)
+
+        def pass1(e_k, logits=logits):
+            x, m, lse, _, _ = logits(e_k, t_k, c, None)
+            return x, m, lse
+
+        def pass12(e_k, logits=logits):
+            x, m, lse, _, _ = logits(e_k, t_k, c, None)
+            return logits.gradient(x, m, lse, t_k, coeffs, v=v, col_sums=False, dtype=e.dtype)[0]
+
+        record(f"logits[{backend}]", pass1, e_k)
+        record(f"logits+grad[{backend}]", pass12, e_k)
+
+    logits = cce.ChunkLogits(spec, config, False)
+
+    def step(dc, need_de, dc_mode, de_sparse=None):
+        sp = sparse if de_sparse is None else dataclasses.replace(
+            sparse, dense_fraction=-1.0 if not de_sparse else 1.0)
+        _, de, (dc, _) = three_pass._chunk_gradients(  # noqa: SLF001
+            e_k, t_k, coeffs, c, None, spec=spec, logits=logits, need_de=need_de, need_dc=dc is not None,
+            sparse=sp, dc_mode=dc_mode, carry=(dc, None))
+        return dc if dc is not None else de
+
+    dc0 = jnp.zeros(c.shape, c.dtype)
+    record("step dE dense", lambda: step(None, True, None, de_sparse=False))
+    record("step dE sparse", lambda: step(None, True, None, de_sparse=True))
+    record("step dC dense", lambda dc: step(dc, False, "dense"), dc0, donate=(0,))
+    record("step dC sparse", lambda dc: step(dc, False, "sparse"), jnp.zeros(c.shape, c.dtype), donate=(0,))
+    record("step dC per_chunk", lambda dc: step(dc, False, "per_chunk"), jnp.zeros(c.shape, c.dtype), donate=(0,))
+    # The dense products alone, for the cuBLAS comparison.
+    g = jnp.zeros((k, v), e.dtype) + jnp.asarray(1e-3, e.dtype)
+    record("dot G c", lambda g: three_pass._dot(g, c, 1, 0), g)  # noqa: SLF001
+    record("dot dC += G^T e", lambda dc, g: (dc.astype(jnp.float32) + three_pass._dot(g, e_k, 0, 0)).astype(dc.dtype),
+           jnp.zeros(c.shape, c.dtype), g, donate=(0,))
+    return rows
 
 
 def timed(fn, args, iters):
@@ -78,6 +159,7 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--json", default=None)
     p.add_argument("--fw", action="store_true", help="also time the loss alone (cce, xla, baseline)")
+    p.add_argument("--passes", action="store_true", help="also time the pieces of one chunk step")
     args = p.parse_args(argv)
     rows = []
     wanted = None if args.variants is None else set(args.variants.split(",")) | {"cce_exact"}
@@ -123,8 +205,12 @@ def main(argv=None):
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 rows.append(row)
                 print(json.dumps(row), flush=True)
+            if args.passes:
+                rows.extend(passes(shape, recipe, data, args.iters))
             if args.fw:
-                for name, impl in (("fw cce", "cce"), ("fw xla", "xla"), ("fw baseline", None)):
+                for name, impl in (("fw cce", "cce"), ("fw cce-triton", _config(d, jnp.bfloat16,
+                                                                               forward_backend="triton")),
+                                   ("fw baseline", None)):
                     if name not in compiled:
                         f = benchmark.baseline_loss if impl is None else (
                             lambda e, c, t, impl=impl: api.linear_cross_entropy(e, c, t, impl=impl))
@@ -140,6 +226,10 @@ def main(argv=None):
             _write(args.json, rows)
     print(f"\n{'shape':8} {'data':10} {'variant':12} {'ms':>8} {'temp MB':>9} {'err dE':>8} {'err dC':>8} det")
     for r in rows:
+        if "piece" in r:
+            print(f"{r['shape']:8} {r['data']:10} {r['piece']:24} chunk {r.get('ms_chunk', float('nan')):7.3f} ms"
+                  f" call {r.get('ms_call', float('nan')):7.2f} ms {r.get('error', '')[:80]}")
+            continue
         print(f"{r['shape']:8} {r['data']:10} {r['variant']:12} {r.get('ms', float('nan')):8.2f} "
               f"{r.get('temp_mb', float('nan')):9.1f} {r.get('err_de', float('nan')):8.1e} "
               f"{r.get('err_dc', float('nan')):8.1e} {r.get('det', '')} {r.get('error', '')[:80]}")

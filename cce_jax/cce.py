@@ -56,11 +56,14 @@ class KernelConfig:
         chunks from the memory budget. Its logits kernel uses the ``forward`` tiles.
       chunk_dense_fraction: on the three-pass path, a token chunk whose fraction of live gradient tiles exceeds
         this computes dE with XLA's dense product; below it the block-sparse kernel skips dead tiles.
-      chunk_dc_cond: make the same run-time choice for dC (XLA may then copy dC once per chunk); by default a
-        side that may filter dC always uses the block-sparse kernel.
+      chunk_dc: how the three-pass path chooses dC's product on a side that may filter
+        (:class:`cce_jax.three_pass.SparseProducts`): ``"sampled"`` (once per call from one sampled row block of
+        tokens against ``chunk_dense_fraction``), ``"per_chunk"``, ``"sparse"`` or ``"dense"``.
       forward_backend: ``"auto"`` (the Mosaic GPU forward on Hopper GPUs where it applies, see
         :func:`use_mosaic_forward`; the Triton forward elsewhere), ``"triton"`` or ``"mosaic"``.
       mosaic: tiles of the Mosaic GPU forward (measured fastest of the candidates on an H200, 2026-12-01).
+      mosaic_chunk: tiles of the Mosaic GPU logits-chunk kernel of the three-pass path (its tile stores take
+        shared memory, hence fewer pipeline stages; ``v_splits`` is chosen per chunk).
     """
 
     forward: ForwardConfig = ForwardConfig()
@@ -69,12 +72,16 @@ class KernelConfig:
     dense_fraction: float = 1.0
     chunk_tokens: int | None = None
     chunk_dense_fraction: float = 0.6
-    chunk_dc_cond: bool = False
+    chunk_dc: str = "sampled"
     forward_backend: str = "auto"
     mosaic: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=4,
                                                       compute_wgs=2, v_splits=2)
+    mosaic_chunk: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3,
+                                                            compute_wgs=2)
 
     def __post_init__(self):
+        if self.chunk_dc not in three_pass.DC_MODES:
+            raise ValueError(f"KernelConfig.chunk_dc must be one of {three_pass.DC_MODES}, got {self.chunk_dc!r}")
         if self.forward_backend not in ("auto", "triton", "mosaic"):
             raise ValueError(
                 f'KernelConfig.forward_backend must be "auto", "triton" or "mosaic", got {self.forward_backend!r}'
@@ -202,6 +209,10 @@ def _problem(e, c, bias, spec: LogitSpec) -> Problem:
 HOPPER_KINDS = ("H100", "H200", "H800", "GH200")
 
 
+def _on_hopper() -> bool:
+    return jax.default_backend() == "gpu" and any(k in jax.devices()[0].device_kind for k in HOPPER_KINDS)
+
+
 def _varies(*xs) -> bool:
     return any(x is not None and jax.typeof(x).mat.varying for x in xs)
 
@@ -222,10 +233,73 @@ def use_mosaic_forward(e, c, bias, p: Problem, config: KernelConfig, interpret: 
     if backend == "mosaic":
         mosaic_forward.check_supported(e, c, p, config.mosaic)
         return True
-    if interpret or jax.default_backend() != "gpu" or jnp.dtype(e.dtype).itemsize != 2 or _varies(e, c, bias):
+    if interpret or jnp.dtype(e.dtype).itemsize != 2 or _varies(e, c, bias) or not _on_hopper():
         return False
-    kind = jax.devices()[0].device_kind
-    return any(k in kind for k in HOPPER_KINDS) and mosaic_forward.supports(e, c, p, config.mosaic)
+    return mosaic_forward.supports(e, c, p, config.mosaic)
+
+
+def use_mosaic_logits(e, c, bias, p: Problem, config: KernelConfig, interpret: bool) -> bool:
+    """Whether the three-pass path's logits chunk runs the Mosaic GPU kernel
+    (:func:`pallas_kernels.mosaic_forward.logits_chunk_mosaic`): the rules of :func:`use_mosaic_forward` for
+    the chunk's problem, plus whole row blocks and product tiles that subdivide the Mosaic tiles."""
+    cfg = config.mosaic_chunk
+    if config.forward_backend == "triton" or cfg.block_v % config.backward.block_v:
+        return False
+    from pallas_kernels import mosaic_forward  # noqa: PLC0415
+
+    if config.forward_backend == "mosaic":
+        mosaic_forward.check_supported(e, c, p, cfg, store=True)
+        return True
+    return (not interpret and jnp.dtype(e.dtype).itemsize == 2 and not _varies(e, c, bias) and _on_hopper()
+            and mosaic_forward.supports(e, c, p, cfg, store=True))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLogits:
+    """Pass 1 and 2 of the three-pass path on the kernels.
+
+    Pass 1 stores the chunk's logits once in the input's precision, each tile relative to its row maxima, with
+    exact float32 statistics: :func:`pallas_kernels.logits_chunk.logits_chunk` (Triton) or, where
+    :func:`use_mosaic_logits` says so, :func:`pallas_kernels.mosaic_forward.logits_chunk_mosaic`. Pass 2
+    (:func:`pallas_kernels.chunk_grad.chunk_grad`) writes the logit gradient over that buffer. The tile width
+    follows from the shapes the pass returns, so either kernel may serve a chunk.
+    """
+
+    spec: LogitSpec
+    config: KernelConfig
+    interpret: bool
+    bytes_per_entry: int = 0
+
+    @property
+    def rows(self) -> int:
+        """Chunks are multiples of this many rows (the Mosaic kernel stores whole row blocks)."""
+        backend = self.config.forward_backend
+        if backend == "mosaic" or (backend == "auto" and not self.interpret and _on_hopper()):
+            return max(self.config.forward.block_n, self.config.mosaic_chunk.block_n)
+        return self.config.forward.block_n
+
+    def __call__(self, e_k, t_k, c, bias):
+        from pallas_kernels.logits_chunk import logits_chunk  # noqa: PLC0415
+        from pallas_kernels.mosaic_forward import chunk_splits, logits_chunk_mosaic  # noqa: PLC0415
+
+        p = three_pass.problem(e_k.shape[0], e_k.shape[1], self.spec.vocab_size(c), self.spec, bias is not None)
+        if use_mosaic_logits(e_k, c, bias, p, self.config, self.interpret):
+            cfg = self.config.mosaic_chunk
+            mosaic = dataclasses.replace(cfg, v_splits=chunk_splits(p.n, p.v, cfg))
+            return logits_chunk_mosaic(e_k, c, bias, t_k, p=p, cfg=mosaic, need_sum=self.spec.need_sum,
+                                       interpret=self.interpret)
+        return logits_chunk(e_k, c, bias, t_k, p=p, cfg=self.config.forward, need_sum=self.spec.need_sum,
+                            interpret=self.interpret)
+
+    def gradient(self, x, m, lse, t_k, coeffs_k, *, v: int, col_sums: bool, dtype):
+        """G written over the buffer ``x`` and its float32 column sums (or None)."""
+        from pallas_kernels.chunk_grad import chunk_grad  # noqa: PLC0415
+
+        del dtype  # the buffer's, which is the input's
+        g, col = chunk_grad(x, m, lse, t_k, *coeffs_k, v=v, tile=x.shape[1] // m.shape[1],
+                            softcap=self.spec.softcap, need_sum=self.spec.need_sum, col_sums=col_sums,
+                            interpret=self.interpret)
+        return g, (None if col is None else col[:v])
 
 
 def _forward(e, c, bias, targets, spec, config, interpret):
@@ -385,12 +459,12 @@ def training_impl(
         sparse = three_pass.SparseProducts(
             filter_eps=backward.filter_eps, filter_e=backward.filters_e, filter_c=backward.filters_c,
             dense_fraction=config.chunk_dense_fraction, config=config.backward, interpret=interpret,
-            dc_cond=config.chunk_dc_cond,
+            dc_mode=config.chunk_dc,
         )
-    row_align = max(config.forward.block_n, config.backward.block_n)
+    logits = ChunkLogits(spec, config, interpret)
     plan = three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, chunk=config.chunk_tokens,
-                                row_align=row_align, col_align=config.forward.block_v)
-    logits = three_pass.KernelLogits(spec, config.forward, interpret)
+                                row_align=max(logits.rows, config.backward.block_n),
+                                col_align=max(config.forward.block_v, config.mosaic_chunk.tile_v))
     return three_pass.TrainingImpl(
         forward=functools.partial(_forward, spec=spec, config=config, interpret=interpret),
         gradients=functools.partial(three_pass.gradients, spec=spec, plan=plan, logits=logits,

@@ -99,14 +99,26 @@ def make_plan(n: int, d: int, v: int, dtype, *, budget_bytes: int, extra_bytes_p
     return best
 
 
+DC_MODES = ("sampled", "per_chunk", "sparse", "dense")
+
+
 @dataclasses.dataclass(frozen=True)
 class SparseProducts:
     """Block-sparse gradient products (Pallas kernels) for the sides that may skip filtered tiles.
 
-    For every chunk its live-tile fraction decides dE's product: above ``dense_fraction`` XLA's dense
-    product, below it the block-sparse kernel that visits only live tiles. dC is accumulated in place across
-    chunks, and a run-time choice there (``dc_cond``) may make XLA copy dC, so by default a side that may
-    filter dC always uses the block-sparse kernel, which leaves rows without live tiles untouched.
+    dE: for every chunk its live-tile fraction decides the product: above ``dense_fraction`` XLA's dense
+    product, below it the block-sparse kernel that visits only live tiles (dE rows are the scan's per-chunk
+    outputs, so the choice costs nothing).
+
+    dC is accumulated in place across chunks (the scan's carry), where a run-time choice per chunk makes XLA
+    copy dC. ``dc_mode`` says how dC's product is chosen:
+
+    - ``"sampled"``: once per call, before the scan, from the live-tile fraction of one sampled row block of
+      tokens (one ``block_n``-row logits pass, about ``block_n / N`` of a pass): the whole scan then runs with
+      the dense or the block-sparse dC product (a ``lax.cond`` around two scans, neither of which copies dC);
+    - ``"per_chunk"``: the same choice per chunk (``lax.cond`` inside the scan; XLA may copy dC);
+    - ``"sparse"`` / ``"dense"``: always the block-sparse kernel (which leaves rows without live tiles
+      untouched) / always XLA's dense product.
     """
 
     filter_eps: float
@@ -115,7 +127,11 @@ class SparseProducts:
     dense_fraction: float
     config: Any  # pallas_kernels.backward.BackwardConfig
     interpret: bool
-    dc_cond: bool = False
+    dc_mode: str = "sampled"
+
+    def __post_init__(self):
+        if self.dc_mode not in DC_MODES:
+            raise ValueError(f"dc_mode must be one of {DC_MODES}, got {self.dc_mode!r}")
 
 
 def _dot(a, b, contract_a: int, contract_b: int):
@@ -129,8 +145,7 @@ class XlaLogits:
 
     spec: LogitSpec
     bytes_per_entry: int = 4  # plus the gradient buffer in the input's dtype
-
-    tile = None
+    rows = 1  # any number of rows
 
     def __call__(self, e_k, t_k, c, bias):
         z = logits_lib.logits(e_k, c, bias, self.spec.layout, self.spec.softcap)
@@ -140,82 +155,59 @@ class XlaLogits:
         total = z.sum(axis=1) if self.spec.need_sum else jnp.zeros_like(lse)
         return z, None, lse, target, total
 
-
-@dataclasses.dataclass(frozen=True)
-class KernelLogits:
-    """Pass 1 as one Pallas kernel (:func:`pallas_kernels.logits_chunk.logits_chunk`): the logits stored once in
-    the input's precision, each tile relative to its row maxima, with exact float32 statistics."""
-
-    spec: LogitSpec
-    config: Any  # pallas_kernels.lse_forward.ForwardConfig
-    interpret: bool
-    bytes_per_entry: int = 0
-
-    @property
-    def tile(self) -> int:
-        return self.config.block_v
-
-    def __call__(self, e_k, t_k, c, bias):
-        from pallas_kernels.logits_chunk import logits_chunk  # noqa: PLC0415
-
-        p = _problem(e_k.shape[0], e_k.shape[1], self.spec.vocab_size(c), self.spec, bias is not None)
-        return logits_chunk(e_k, c, bias, t_k, p=p, cfg=self.config, need_sum=self.spec.need_sum,
-                            interpret=self.interpret)
+    def gradient(self, z, m, lse, t_k, coeffs_k, *, v: int, col_sums: bool, dtype):
+        """``(G in dtype, float32 column sums of G or None)`` from the float32 logits ``z``."""
+        del m
+        a, b, s, q = coeffs_k
+        p = jnp.exp(z - lse[:, None])
+        onehot = jnp.arange(z.shape[1])[None, :] == t_k[:, None]
+        g = (a + 2.0 * q * lse)[:, None] * p + jnp.where(onehot, b[:, None], 0.0)
+        if self.spec.need_sum:
+            g = g + s[:, None]
+        if self.spec.softcap is not None:
+            g = g * logits_lib.softcap_grad(z, self.spec.softcap)
+        return g.astype(dtype), (g.sum(axis=0)[:v] if col_sums else None)
 
 
 def _chunk_gradients(e_k, t_k, coeffs_k, c, bias, *, spec: LogitSpec, logits, need_de: bool, need_dc: bool,
-                     sparse: SparseProducts | None, carry):
+                     sparse: SparseProducts | None, dc_mode: str | None, carry):
     """One token chunk: stats, dE rows and the chunk's contribution to dC / dbias (added into ``carry``)."""
     dc, db = carry
     v = spec.vocab_size(c)
     vaxis = 0 if spec.layout == "vd" else 1
-    a, b, s, q = coeffs_k
-    rows = e_k.shape[0]
 
     # Pass 1: the chunk's logits, kept in a buffer, and their exact statistics.
     x, m, lse, target, total = logits(e_k, t_k, c, bias)
-    width = x.shape[1]
 
-    # Pass 2: the logit gradient, in the buffer's place when its dtype is the input's.
-    if m is None:
-        rel = x - lse[:, None]
-    else:
-        tile = logits.tile
-        rel = (x.reshape(rows, width // tile, tile).astype(jnp.float32) + (m - lse[:, None])[:, :, None])
-        rel = rel.reshape(rows, width)
-    p = jnp.exp(rel)
-    onehot = jnp.arange(width)[None, :] == t_k[:, None]
-    g = (a + 2.0 * q * lse)[:, None] * p + jnp.where(onehot, b[:, None], 0.0)
-    if spec.need_sum:
-        g = g + s[:, None]
-    if spec.softcap is not None:
-        g = g * logits_lib.softcap_grad(rel + lse[:, None], spec.softcap)
-    if width > v:  # padding columns (stored as -inf) get exactly 0
-        g = jnp.where(jnp.arange(width)[None, :] < v, g, 0.0)
-    col_sum = g.sum(axis=0)[:v] if (bias is not None and need_dc) else None
-    g = g.astype(e_k.dtype)
-    live = None if sparse is None else _live_tiles(m, lse, t_k, logits.tile, sparse)
+    # Pass 2: the logit gradient, in the input's precision (in the buffer's place for the kernels).
+    g, col_sum = logits.gradient(x, m, lse, t_k, coeffs_k, v=v, col_sums=bias is not None and need_dc,
+                                 dtype=e_k.dtype)
+    live = None if sparse is None else _live_tiles(m, lse, t_k, coeffs_k, x.shape[1] // m.shape[1], sparse)
 
     # Pass 3: the products of the whole chunk.
     de = _chunk_de(g, c, live, v=v, vaxis=vaxis, spec=spec, sparse=sparse) if need_de else None
     if need_dc:
-        dc, db = _chunk_dc(g, e_k, dc, db, col_sum, live, v=v, spec=spec, sparse=sparse)
+        dc, db = _chunk_dc(g, e_k, dc, db, col_sum, live, v=v, spec=spec, sparse=sparse, mode=dc_mode)
     return TokenStats(lse, target, total), de, (dc, db)
 
 
-def _live_tiles(m, lse, t_k, tile: int, sparse: SparseProducts):
+def _live_tiles(m, lse, t_k, coeffs_k, tile: int, sparse: SparseProducts):
     """int32 flag per (block_n, block_v) product tile: whether some ``|p - onehot|`` in it may reach
     ``filter_eps``, from each statistics tile's largest probability ``exp(m - lse)``; a tile holding a target
-    counts as live (its onehot entry deviates by ``1 - p``). Exact for whole tiles, never optimistic."""
+    counts as live (its onehot entry deviates by ``1 - p``). Rows whose coefficients are all zero (ignored
+    tokens, the padding of the last chunk) have a zero gradient and keep no tile live. Exact for whole tiles,
+    never optimistic."""
     bn, bv = sparse.config.block_n, sparse.config.block_v
     rows, num = m.shape
+    active = functools.reduce(jnp.logical_or, (x != 0 for x in coeffs_k))
     live = jnp.exp(m - lse[:, None]) >= sparse.filter_eps
     live = live | (jnp.arange(num)[None, :] == (t_k // tile)[:, None])
+    live = live & active[:, None]
     live = jnp.repeat(live, tile // bv, axis=1)
     return live.reshape(rows // bn, bn, -1).any(axis=1).astype(jnp.int32)
 
 
-def _problem(n: int, d: int, v: int, spec: LogitSpec, has_bias: bool = False):
+def problem(n: int, d: int, v: int, spec: LogitSpec, has_bias: bool = False):
     from pallas_kernels.tiles import Problem  # noqa: PLC0415
 
     return Problem(n=n, d=d, v=v, layout=spec.layout, softcap=spec.softcap, has_bias=has_bias)
@@ -242,12 +234,12 @@ def _chunk_de(g, c, live, *, v, vaxis, spec, sparse):
     def sparse_de():
         zeros = varying_like(jnp.zeros((g.shape[0], d), jnp.float32), g, c)
         return kernels.accumulate_de(g, cols_of_row, count_of_row, c, jnp.zeros((1,), jnp.int32), zeros,
-                                     p=_problem(g.shape[0], d, v, spec), cfg=cfg, interpret=sparse.interpret)
+                                     p=problem(g.shape[0], d, v, spec), cfg=cfg, interpret=sparse.interpret)
 
     return lax.cond(_live_fraction(live) > sparse.dense_fraction, dense, sparse_de)
 
 
-def _chunk_dc(g, e_k, dc, db, col_sum, live, *, v, spec, sparse):
+def _chunk_dc(g, e_k, dc, db, col_sum, live, *, v, spec, sparse, mode):
     """``dc + G^T e_chunk`` (and ``db`` + the column sums of G), in place in the scan carry."""
 
     def dense(dc, db):
@@ -265,12 +257,14 @@ def _chunk_dc(g, e_k, dc, db, col_sum, live, *, v, spec, sparse):
     def sparse_dc(dc, db):
         db_in = varying_like(jnp.zeros((1,), jnp.float32), dc) if db is None else db
         dc, db_out = kernels.write_dc(g, rows_of_col, count_of_col, e_k, jnp.zeros((1,), jnp.int32), dc, db_in,
-                                      p=_problem(g.shape[0], e_k.shape[1], v, spec, db is not None), cfg=cfg,
+                                      p=problem(g.shape[0], e_k.shape[1], v, spec, db is not None), cfg=cfg,
                                       accumulate=True, interpret=sparse.interpret)
         return dc, (None if db is None else db_out)
 
-    if not sparse.dc_cond:
+    if mode == "sparse":
         return sparse_dc(dc, db)
+    if mode == "dense":
+        return dense(dc, db)
     return lax.cond(_live_fraction(live) > sparse.dense_fraction, dense, sparse_dc, dc, db)
 
 
@@ -279,6 +273,19 @@ def _pad_rows(x, rows: int, value):
         return x
     pad = [(0, rows - x.shape[0])] + [(0, 0)] * (x.ndim - 1)
     return jnp.pad(x, pad, constant_values=value)
+
+
+def sampled_live_fraction(e, c, bias, targets, coeffs: LossCoefficients, *, logits, sparse: SparseProducts):
+    """Live-tile fraction of one ``block_n``-row block of tokens from the middle of the batch (zero rows pad it
+    when N is smaller), from one logits pass over those rows."""
+    bn = max(sparse.config.block_n, logits.rows)
+    n = e.shape[0]
+    start = max(0, (n - bn) // 2)
+    rows = lambda x, value: _pad_rows(lax.slice_in_dim(x, start, min(n, start + bn)), bn, value)  # noqa: E731
+    e_s, t_s = rows(e, 0), rows(targets, -1)
+    coeffs_s = LossCoefficients(*(rows(x.astype(jnp.float32), 0.0) for x in coeffs))
+    x, m, lse, _, _ = logits(e_s, t_s, c, bias)
+    return _live_fraction(_live_tiles(m, lse, t_s, coeffs_s, x.shape[1] // m.shape[1], sparse))
 
 
 def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec, plan: Plan, logits,
@@ -299,19 +306,30 @@ def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec,
     split = lambda x: x.reshape((plan.num_chunks, plan.chunk) + x.shape[1:])  # noqa: E731
     dc_dtype = jnp.float32 if accum_c_fp32 else c.dtype
     vary = lambda x: varying_like(x, e, c, bias, targets, *coeffs)  # noqa: E731
-    dc0 = vary(jnp.zeros(c.shape, dc_dtype)) if need_dc else None
-    db0 = vary(jnp.zeros((spec.vocab_size(c),), jnp.float32)) if (need_db and bias is not None) else None
 
-    def step(carry, xs):
-        e_k, t_k, coeffs_k = xs
-        stats, de_k, carry = _chunk_gradients(
-            e_k, t_k, coeffs_k, c, bias, spec=spec, logits=logits, need_de=need_de, need_dc=need_dc,
-            sparse=sparse, carry=carry,
-        )
-        de_k = None if de_k is None else de_k.astype(e.dtype)
-        return carry, (stats, de_k)
+    xs = (split(e_p), split(t_p), tuple(map(split, coeffs_p)))
 
-    (dc, db), (stats, de) = lax.scan(step, (dc0, db0), (split(e_p), split(t_p), tuple(map(split, coeffs_p))))
+    def scan(dc_mode):
+        def step(carry, xs):
+            e_k, t_k, coeffs_k = xs
+            stats, de_k, carry = _chunk_gradients(
+                e_k, t_k, coeffs_k, c, bias, spec=spec, logits=logits, need_de=need_de, need_dc=need_dc,
+                sparse=sparse, dc_mode=dc_mode, carry=carry,
+            )
+            de_k = None if de_k is None else de_k.astype(e.dtype)
+            return carry, (stats, de_k)
+
+        dc0 = vary(jnp.zeros(c.shape, dc_dtype)) if need_dc else None
+        db0 = vary(jnp.zeros((spec.vocab_size(c),), jnp.float32)) if (need_db and bias is not None) else None
+        return lax.scan(step, (dc0, db0), xs)
+
+    if sparse is None or not (sparse.filter_c and need_dc) or sparse.dc_mode != "sampled":
+        (dc, db), (stats, de) = scan(None if sparse is None else sparse.dc_mode)
+    else:
+        # dC is created inside each branch, so neither scan copies it.
+        dense = sampled_live_fraction(e, c, bias, targets, coeffs, logits=logits, sparse=sparse) > \
+            sparse.dense_fraction
+        (dc, db), (stats, de) = lax.cond(dense, lambda: scan("dense"), lambda: scan("sparse"))
     unsplit = lambda x: x.reshape((rows,) + x.shape[2:])[:n]  # noqa: E731
     stats = TokenStats(*map(unsplit, stats))
     de = None if de is None else unsplit(de)

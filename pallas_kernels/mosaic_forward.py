@@ -133,13 +133,14 @@ def cdiv(a: int, b: int) -> int:
 # Pure math shared with other backends: the online log-sum-exp recurrence and its merges.
 
 
-def online_update(m: jax.Array, s: jax.Array, z: jax.Array) -> tuple[jax.Array, jax.Array]:
+def online_update(m: jax.Array, s: jax.Array, z: jax.Array, z_max: jax.Array | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
     """Folds a (rows, cols) tile ``z`` (masked entries -inf) into the running max ``m`` and sum ``s`` (rows,).
 
     ``s`` is the sum of ``exp(z - m)`` over the columns seen so far. A row with no finite entry yet keeps
-    ``m = -inf, s = 0`` (no NaN from ``-inf - -inf``).
+    ``m = -inf, s = 0`` (no NaN from ``-inf - -inf``). ``z_max``: the tile's row maxima, if already known.
     """
-    m_new = jnp.maximum(m, z.max(axis=1))
+    m_new = jnp.maximum(m, z.max(axis=1) if z_max is None else z_max)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp2((m - m_safe) * LOG2E)
     p = jnp.exp2(z * LOG2E - lax.broadcast_in_dim(m_safe * LOG2E, z.shape, [0]))
@@ -189,8 +190,20 @@ def pick_swizzle(p: Problem, cfg: MosaicForwardConfig, dtype) -> int:
     return 0
 
 
-def check_supported(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig) -> None:
-    """Raises NotImplementedError when the Mosaic kernel cannot run this problem (the caller uses Triton)."""
+SMEM_BYTES = 227 * 1024  # per CTA on sm_90
+
+
+def smem_bytes(cfg: MosaicForwardConfig, dtype, store: bool) -> int:
+    """Shared memory of one CTA: the operand ring, and with ``store`` the logits tile of every warpgroup."""
+    isz = jnp.dtype(dtype).itemsize
+    ring = cfg.stages * (cfg.block_n + cfg.tile_v) * cfg.block_d * isz
+    out = cfg.compute_wgs * cfg.block_n * (cfg.block_v * isz + 4) if store else 0
+    return ring + out + 4096  # statistics, targets, bias, barriers
+
+
+def check_supported(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig, store: bool = False) -> None:
+    """Raises NotImplementedError when the Mosaic kernel cannot run this problem (the caller uses Triton).
+    ``store``: the logits-chunk variant (:func:`logits_chunk_mosaic`), which also needs whole row blocks."""
     if e.dtype not in (jnp.bfloat16, jnp.float16) or c.dtype != e.dtype:
         raise NotImplementedError(f"Mosaic forward needs bf16/fp16 e and c of one dtype, got {e.dtype}, {c.dtype}")
     if p.layout not in ("vd", "dv"):
@@ -206,12 +219,19 @@ def check_supported(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardCo
         raise NotImplementedError(
             f"arrays smaller than one tile: N={p.n} < {cfg.block_n}, D={p.d} < {cfg.block_d} or "
             f"V={p.v} < {cfg.tile_v}")
+    if store and p.n % cfg.block_n:
+        raise NotImplementedError(f"the logits-chunk kernel needs N % block_n == 0, got N={p.n}, "
+                                  f"block_n={cfg.block_n}")
+    if smem_bytes(cfg, e.dtype, store) > SMEM_BYTES:
+        raise NotImplementedError(f"config {cfg} needs {smem_bytes(cfg, e.dtype, store)} bytes of shared memory "
+                                  f"per CTA, more than {SMEM_BYTES}")
 
 
-def supports(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig) -> bool:
-    """Whether :func:`lse_forward_mosaic` runs this problem (dtype and shape rules of the TMA copies)."""
+def supports(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig, store: bool = False) -> bool:
+    """Whether :func:`lse_forward_mosaic` (``store``: :func:`logits_chunk_mosaic`) runs this problem (dtype and
+    shape rules of the TMA copies, shared memory)."""
     try:
-        check_supported(e, c, p, cfg)
+        check_supported(e, c, p, cfg, store)
     except NotImplementedError:
         return False
     return True
@@ -222,14 +242,16 @@ def _smem_transforms(swizzle: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)
 
 
-def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, cfg: MosaicForwardConfig,
-            need_sum: bool, dtype, bias_dtype, debug: str | None = None):
+def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_ref=None, *, p: Problem,
+            cfg: MosaicForwardConfig, need_sum: bool, dtype, bias_dtype, debug: str | None = None):
     bn, bv, bd, S, cw = cfg.block_n, cfg.block_v, cfg.block_d, cfg.stages, cfg.compute_wgs
     W = cfg.tile_v
     kd = cdiv(p.d, bd)
     nvt = cdiv(cdiv(p.v, W), cfg.v_splits)  # vocabulary tiles per split
     total = nvt * kd  # pipeline steps per CTA
     split_out = cfg.v_splits > 1
+    store = z_ref is not None
+    cta_tiles = cdiv(p.v, W)
     ROW = plgpu.Layout.WGMMA.reduce(1)
     COL = plgpu.Layout.WGMMA.reduce(0)
 
@@ -251,10 +273,12 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
         b_bar=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
         b_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
         merge_bar=plgpu.Barrier(num_arrivals=cw - 1, num_barriers=1) if cw > 1 else None,
+        z_smem=plgpu.SMEM((cw, bn, bv), dtype, transforms=_smem_transforms(128, dtype)) if store else None,
+        m_smem=plgpu.SMEM((cw, bn), jnp.float32) if store else None,
     )
 
     def body(e_smem, c_smem, t_smem, stat_smem, out_smem, b_smem, loaded, consumed, t_bar, b_bar,
-             b_consumed, merge_bar):
+             b_consumed, merge_bar, z_smem, m_smem):
         wg = lax.axis_index("wg")
         n0 = lax.axis_index("n") * bn
         split = lax.axis_index("split") if split_out else 0
@@ -356,7 +380,10 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
                     zs = zs + (jnp.where(valid, z, 0.0) if masked else z).sum(axis=1)
                 if masked:
                     z = jnp.where(valid, z, -jnp.inf)
-                m, s = online_update(m, s, z)
+                z_max = z.max(axis=1)
+                if store:
+                    store_tile(j, w, z, z_max)
+                m, s = online_update(m, s, z, z_max)
                 return m, s, zt, zs
 
             def row(x):
@@ -367,7 +394,24 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, *, p: Problem, 
             n_full = jnp.clip(lax.div(p.v - v_start, W), 0, nvt) if split_out else (p.v // W)
             carry = lax.fori_loop(0, n_full, functools.partial(v_step, masked=False), carry)
             carry = lax.fori_loop(n_full, nvt, functools.partial(v_step, masked=True), carry)
+            if store:
+                plgpu.wait_smem_to_gmem(0)
             return carry
+
+        def store_tile(j, w, z, z_max):
+            """The tile relative to its row maxima (input precision) and the maxima, through SMEM and TMA; the
+            previous tile's copies must have finished reading this warpgroup's buffers first."""
+            tile = tile0 + j
+
+            @pl.when(tile < cta_tiles)
+            def _():
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                shift = jnp.where(z_max == -jnp.inf, 0.0, z_max)
+                z_smem.at[w][...] = (z - lax.broadcast_in_dim(shift, z.shape, [0])).astype(dtype)
+                m_smem.at[w][...] = z_max
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(z_smem.at[w], z_ref.at[pl.ds(n0, bn), pl.ds(tile * W + w * bv, bv)])
+                plgpu.copy_smem_to_gmem(m_smem.at[w], m_ref.at[tile * cw + w, pl.ds(n0, bn)])
 
         def write(lse, zt, zs):
             out_smem.at[0][...] = lse
@@ -430,6 +474,62 @@ def _resolve_interpret(interpret):
 DEBUG_MODES = (None, "row_max", "unpadded_out")
 
 
+def _call(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, need_sum: bool, interpret, debug,
+          store: bool):
+    """The kernel's outputs: (lse, zt, zs) as (v_splits, N_pad) partials or (N_out,), plus with ``store`` the
+    logits buffer (N, cdiv(V, W) * W) and the transposed tile maxima (cdiv(V, W) * compute_wgs, N)."""
+    check_supported(e, c, p, cfg, store)
+    if debug not in DEBUG_MODES:
+        raise ValueError(f"debug={debug!r} must be one of {DEBUG_MODES}")
+    if (bias is not None) != p.has_bias:
+        raise ValueError("bias must be given exactly when p.has_bias")
+    targets = targets.astype(jnp.int32)
+    if p.n % 8:
+        # TMA copies of e are tiled in 8-row groups over the whole array: pad e (only e, never c) to 8k rows.
+        e = jnp.pad(e, ((0, 8 - p.n % 8), (0, 0)))
+    bias_dtype = None if bias is None else bias.dtype
+    kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum, dtype=e.dtype, bias_dtype=bias_dtype,
+                               debug=debug)
+    if bias is None:
+        kernel = functools.partial(_without_bias, kernel)
+    args = (e, c, targets) if bias is None else (e, c, bias, targets)
+    n_tiles = cdiv(p.n, cfg.block_n)
+    # Whole row blocks only: a store into an (N,) array would be a bulk copy clamped to 4 * (N % block_n)
+    # bytes for the last block, undefined unless a multiple of 16 (module docstring, "Output stores").
+    n_out = p.n if debug == "unpadded_out" else n_tiles * cfg.block_n
+    if cfg.v_splits > 1:
+        out = jax.ShapeDtypeStruct((cfg.v_splits, n_tiles * cfg.block_n), jnp.float32)
+    else:
+        out = jax.ShapeDtypeStruct((n_out,), jnp.float32)
+    out_type = [out, out, out]
+    if store:
+        cta_tiles = cdiv(p.v, cfg.tile_v)
+        out_type += [jax.ShapeDtypeStruct((p.n, cta_tiles * cfg.tile_v), e.dtype),
+                     jax.ShapeDtypeStruct((cta_tiles * cfg.compute_wgs, p.n), jnp.float32)]
+    f = plgpu.kernel(
+        kernel,
+        out_type=tuple(out_type),
+        grid=(n_tiles, cfg.v_splits),
+        grid_names=("n", "split"),
+        num_threads=cfg.compute_wgs + 1,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=cfg.approx_math),
+        interpret=_resolve_interpret(interpret),
+        kernel_name="cce_logits_chunk_mosaic" if store else "cce_lse_forward_mosaic",
+    )
+    return f(*args)
+
+
+def _merge(lse, zt, zs, p: Problem, cfg: MosaicForwardConfig, debug=None):
+    if cfg.v_splits > 1:
+        if debug == "row_max":
+            return lse[:, :p.n].max(axis=0), *merge_splits(lse, zt, zs, p.n)[1:]
+        return merge_splits(lse, zt, zs, p.n)
+    if lse.shape[0] != p.n:
+        return lse[:p.n], zt[:p.n], zs[:p.n]
+    return lse, zt, zs
+
+
 @functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "interpret", "debug"))
 def lse_forward_mosaic(
     e: jax.Array,
@@ -454,49 +554,39 @@ def lse_forward_mosaic(
     ``N % 4 != 0``; only to reproduce that). See the module docstring for the grid, the block layout and the
     limits.
     """
-    check_supported(e, c, p, cfg)
-    if debug not in DEBUG_MODES:
-        raise ValueError(f"debug={debug!r} must be one of {DEBUG_MODES}")
-    if (bias is not None) != p.has_bias:
-        raise ValueError("bias must be given exactly when p.has_bias")
-    targets = targets.astype(jnp.int32)
-    if p.n % 8:
-        # TMA copies of e are tiled in 8-row groups over the whole array: pad e (only e, never c) to 8k rows.
-        e = jnp.pad(e, ((0, 8 - p.n % 8), (0, 0)))
-    bias_dtype = None if bias is None else bias.dtype
-    kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum, dtype=e.dtype, bias_dtype=bias_dtype,
-                               debug=debug)
-    if bias is None:
-        kernel = functools.partial(_without_bias, kernel)
-    args = (e, c, targets) if bias is None else (e, c, bias, targets)
-    n_tiles = cdiv(p.n, cfg.block_n)
-    # Whole row blocks only: a store into an (N,) array would be a bulk copy clamped to 4 * (N % block_n)
-    # bytes for the last block, undefined unless a multiple of 16 (module docstring, "Output stores").
-    n_out = p.n if debug == "unpadded_out" else n_tiles * cfg.block_n
-    if cfg.v_splits > 1:
-        out = jax.ShapeDtypeStruct((cfg.v_splits, n_tiles * cfg.block_n), jnp.float32)
-    else:
-        out = jax.ShapeDtypeStruct((n_out,), jnp.float32)
-    f = plgpu.kernel(
-        kernel,
-        out_type=(out, out, out),
-        grid=(n_tiles, cfg.v_splits),
-        grid_names=("n", "split"),
-        num_threads=cfg.compute_wgs + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=cfg.approx_math),
-        interpret=_resolve_interpret(interpret),
-        kernel_name="cce_lse_forward_mosaic",
-    )
-    lse, zt, zs = f(*args)
-    if cfg.v_splits > 1:
-        if debug == "row_max":
-            lse, (_, zt, zs) = lse[:, :p.n].max(axis=0), merge_splits(lse, zt, zs, p.n)
-        else:
-            lse, zt, zs = merge_splits(lse, zt, zs, p.n)
-    elif lse.shape[0] != p.n:
-        lse, zt, zs = lse[:p.n], zt[:p.n], zs[:p.n]
-    return lse, zt, zs
+    lse, zt, zs = _call(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum, interpret=interpret, debug=debug,
+                        store=False)
+    return _merge(lse, zt, zs, p, cfg, debug)
+
+
+def chunk_splits(n: int, v: int, cfg: MosaicForwardConfig, sms: int = 132) -> int:
+    """Vocabulary splits that fill one wave of ``sms`` CTAs (one per SM: the kernel's shared memory) for N
+    tokens: as many as fit, so no CTA waits for a second wave."""
+    return max(1, min(cdiv(v, cfg.tile_v), sms // cdiv(n, cfg.block_n)))
+
+
+@functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "interpret"))
+def logits_chunk_mosaic(
+    e: jax.Array,
+    c: jax.Array,
+    bias: jax.Array | None,
+    targets: jax.Array,
+    *,
+    p: Problem,
+    cfg: MosaicForwardConfig,
+    need_sum: bool,
+    interpret=False,
+):
+    """The contract of :func:`pallas_kernels.logits_chunk.logits_chunk` on the Mosaic GPU kernel: ``(z_rel, m,
+    lse, target_logit, sum_logits)`` with ``z_rel`` (N, T * block_v) in e's dtype, each ``block_v``-column
+    tile stored relative to its row maxima ``m`` (N, T) float32, T = cdiv(V, tile_v) * compute_wgs; columns
+    past V hold -inf. Needs N % block_n == 0 (the three-pass plan aligns its chunks). Every compute
+    warpgroup writes each tile through SMEM with TMA while the next tile's operands stream in.
+    """
+    lse, zt, zs, z_rel, m_t = _call(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum, interpret=interpret,
+                                    debug=None, store=True)
+    lse, zt, zs = _merge(lse, zt, zs, p, cfg)
+    return z_rel, m_t.T, lse, zt, zs
 
 
 def _without_bias(kernel, e_ref, c_ref, *refs):

@@ -85,3 +85,50 @@ def test_kernels_are_deterministic_on_gpu(grad_path):
     for _ in range(2):
         again = jax.tree.map(np.asarray, fn(*args.values()))
         jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), first, again)
+
+
+# Shapes the Mosaic GPU kernels accept (D % 16, V % 8; "dv" also V % 16), ragged against every tile: on a
+# Hopper GPU impl="cce" then runs the Mosaic logits chunk on the three-pass path (asserted from the lowering).
+MOSAIC_OPTIONS = [
+    {},
+    {"softcap": 30.0, "bias": True},
+    {"label_smoothing": 0.1, "reduction": "sum", "bias": True},
+    {"classifier_layout": "dv", "shift": 1},
+    {"z_loss": 1e-3, "weights": True, "softcap": 30.0},
+]
+HOPPER = jax.default_backend() == "gpu" and any(k in jax.devices()[0].device_kind for k in ("H100", "H200"))
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("opts", MOSAIC_OPTIONS, ids=lambda o: ",".join(o) or "plain")
+def test_mosaic_three_pass_matches_dense_on_gpu(opts):
+    rng = np.random.default_rng(7 + len(str(opts)))
+    layout = opts.get("classifier_layout", "vd")
+    n, d, v = 1030, 1008, 50264 if layout == "vd" else 50272
+    args = _inputs(rng, n, d, v, jnp.bfloat16, layout, opts.get("bias", False), opts.get("weights", False))
+    ref_args = {k: (x.astype(jnp.float32) if x is not None and x.dtype == jnp.bfloat16 else x)
+                for k, x in args.items()}
+    fn = _objective("cce", opts)
+    assert "cce_logits_chunk_mosaic" in fn.lower(*args.values()).as_text()
+    loss, grads = fn(*args.values())
+    ref_loss, ref_grads = _objective("dense", opts)(*ref_args.values())
+    assert abs(float(loss) - float(ref_loss)) <= 2e-3 * abs(float(ref_loss)) + 1e-6
+    for g, r in zip(grads, ref_grads):
+        if r is not None:
+            assert _rel(g, r) < 2e-2
+    again = fn(*args.values())
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), (loss, grads), again)
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("layout,v,bias,cap", [("vd", 50264, True, 30.0), ("dv", 50272, True, None),
+                                               ("vd", 328, False, 3.0)])
+def test_mosaic_logits_chunk_on_gpu(layout, v, bias, cap):
+    """The compiled two-warpgroup logits-chunk kernel (which the CPU interpreter cannot run with a bias) against
+    float64: stored tiles, tile maxima, statistics, -inf past V."""
+    from test_mosaic_forward import _check_logits_chunk
+
+    from pallas_kernels import mosaic_forward as mf
+
+    cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, v_splits=5)
+    _check_logits_chunk(256, 1008, v, layout=layout, has_bias=bias, softcap=cap, cfg=cfg, interpret=False)

@@ -51,7 +51,8 @@ def test_kernels_lower_for_cuda(n, d, v, dtype, impl, layout, bias, options):
     smooth = options.get("label_smoothing", 0) > 0
     expected = {"cce_accumulate_de": backward.filters_e and not smooth,
                 "cce_write_dc": backward.filters_c and not smooth,
-                "cce_logits_chunk": True, "cce_lse_forward": False, "cce_logit_grad": False}
+                "cce_logits_chunk": True, "cce_chunk_grad": True, "cce_lse_forward": False,
+                "cce_logit_grad": False}
     for name, present in expected.items():
         assert (name in text) == present, f"{name} {'missing from' if present else 'unexpected in'} the module"
 
@@ -76,8 +77,23 @@ def test_tuned_table_configs_lower_for_cuda(config):
     for name in KERNEL_NAMES:
         assert name in text
     text = _lower(4096, 2304, 32000, jnp.bfloat16, impl=config, grad_path="three_pass")
-    for name in ("cce_logits_chunk", "cce_accumulate_de", "cce_write_dc"):
+    for name in ("cce_logits_chunk", "cce_chunk_grad", "cce_accumulate_de", "cce_write_dc"):
         assert name in text
+
+
+@pytest.mark.parametrize("layout,bias,chunk_dc", [("vd", False, "sampled"), ("dv", True, "per_chunk")])
+def test_three_pass_with_the_mosaic_logits_lowers_for_cuda(layout, bias, chunk_dc):
+    """``forward_backend="mosaic"``: the three-pass path's logits chunk is the Mosaic GPU kernel (whole row
+    blocks: the plan aligns chunks to its block_n), followed by the in-place gradient and the products."""
+    import dataclasses
+
+    config = dataclasses.replace(cce_lib.TUNED[("H200", "half-d<=3072")], forward_backend="mosaic",
+                                 chunk_dc=chunk_dc)
+    text = _lower(8192, 2304, 256000, jnp.bfloat16, impl=config, layout=layout, bias=bias,
+                  grad_path="three_pass", softcap=30.0)
+    for name in ("cce_logits_chunk_mosaic", "cce_chunk_grad", "cce_accumulate_de", "cce_write_dc"):
+        assert name in text, name
+    assert "cce_logits_chunk\"" not in text and 'name = "cce_logits_chunk"' not in text
 
 
 @pytest.mark.parametrize("grad_path", ["recompute", "three_pass"])

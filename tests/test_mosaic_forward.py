@@ -265,3 +265,83 @@ def test_auto_backend_keeps_triton_off_hopper():
     with pytest.raises(NotImplementedError):  # D = 1000 and V = 50257 break the Mosaic copies' tiling
         cce.use_mosaic_forward(jnp.zeros((128, 1000), jnp.bfloat16), jnp.zeros((50257, 1000), jnp.bfloat16), None,
                                Problem(n=128, d=1000, v=50257), forced, False)
+
+
+# ----------------------------------------------------------------------- logits chunk (three-pass pass 1)
+
+
+def _check_logits_chunk(n, d, v, *, layout="vd", has_bias=False, softcap=None, need_sum=True, cfg=CFG,
+                        dtype=jnp.bfloat16, interpret=True):
+    """``logits_chunk_mosaic``: the stored tiles plus their maxima give back the float64 logits to the buffer's
+    precision (relative to each tile's row maximum), the maxima and the statistics are float32-exact, columns
+    past V hold -inf."""
+    p = Problem(n=n, d=d, v=v, layout=layout, softcap=softcap, has_bias=has_bias)
+    e, c, bias, t = _inputs(n, d, v, layout, dtype, has_bias)
+    z_rel, m, lse, zt, zs = mf.logits_chunk_mosaic(e, c, bias, t, p=p, cfg=cfg, need_sum=need_sum,
+                                                   interpret=interpret)
+    tile = cfg.block_v
+    width = -(-v // cfg.tile_v) * cfg.tile_v
+    assert z_rel.shape == (n, width) and z_rel.dtype == dtype and m.shape == (n, width // tile)
+    e64 = np.asarray(e.astype(jnp.float32), np.float64)
+    c64 = np.asarray(c.astype(jnp.float32), np.float64)
+    z = e64 @ (c64.T if layout == "vd" else c64)
+    if bias is not None:
+        z = z + np.asarray(bias.astype(jnp.float32), np.float64)[None, :]
+    if softcap is not None:
+        z = softcap * np.tanh(z / softcap)
+    z_pad = np.pad(z, ((0, 0), (0, width - v)), constant_values=-np.inf)
+    want_m = z_pad.reshape(n, width // tile, tile).max(axis=2)
+    np.testing.assert_allclose(np.asarray(m), want_m, rtol=1e-5, atol=1e-5)
+    got = np.asarray(z_rel.astype(jnp.float32), np.float64)
+    assert np.all(got[:, v:] == -np.inf), "columns past V must hold -inf"
+    rel = z - np.repeat(want_m, tile, axis=1)[:, :v]
+    np.testing.assert_allclose(got[:, :v], rel, rtol=2 ** -8, atol=1e-4 * np.abs(z).max())
+    assert np.all(got[:, :v] <= 0), "every stored entry is at most its tile's row maximum"
+    r_lse, r_zt, r_zs = _reference(e, c, bias, t, p)
+    np.testing.assert_allclose(np.asarray(lse), r_lse, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(zt), r_zt, rtol=1e-5, atol=1e-5)
+    if need_sum:
+        np.testing.assert_allclose(np.asarray(zs), r_zs, rtol=1e-5, atol=2e-4)
+
+
+# One compute warpgroup here: the interpreter runs each warpgroup as a thread whose barrier waits block inside
+# XLA's host-callback pool, which on a 2-core CI machine has two threads, so three warpgroups that wait at the
+# same time (two compute + the memory warpgroup, with the bias pipeline and the tile stores) can starve it and
+# hang. The two-warpgroup kernel is covered by the CUDA lowering below and by the GPU check.
+CHUNK_CFG = dataclasses.replace(CFG, compute_wgs=1)
+
+
+@pytest.mark.parametrize("layout,v", [("vd", 328), ("dv", 336)])
+def test_logits_chunk(layout, v):
+    _check_logits_chunk(128, 80, v, layout=layout, has_bias=True, softcap=3.0, cfg=CHUNK_CFG)
+
+
+@pytest.mark.parametrize("cfg", [
+    dataclasses.replace(CHUNK_CFG, v_splits=4),  # the last split runs past V: its stores are skipped
+    dataclasses.replace(CHUNK_CFG, block_v=64, stages=2),
+    dataclasses.replace(CFG, compute_wgs=2),  # no bias: few enough concurrent waits for the interpreter
+], ids=["split4", "bv64-s2", "2wg"])
+def test_logits_chunk_configs(cfg):
+    _check_logits_chunk(64, 96, 328, cfg=cfg, need_sum=False, dtype=jnp.float16)
+
+
+def test_logits_chunk_needs_whole_row_blocks():
+    p = Problem(n=70, d=80, v=328)
+    e, c, _, t = _inputs(70, 80, 328, "vd", jnp.bfloat16, False)
+    with pytest.raises(NotImplementedError, match="N % block_n"):
+        mf.logits_chunk_mosaic(e, c, None, t, p=p, cfg=CFG, need_sum=False, interpret=True)
+
+
+@pytest.mark.parametrize("layout,bias,cap", [("vd", False, None), ("dv", True, 30.0)])
+def test_logits_chunk_lowers_for_h200(layout, bias, cap):
+    cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, v_splits=16)
+    n, d, v = 1024, 2304, 256000
+    p = Problem(n=n, d=d, v=v, layout=layout, softcap=cap, has_bias=bias)
+    S = jax.ShapeDtypeStruct
+    structs = [S((n, d), jnp.bfloat16), S((v, d) if layout == "vd" else (d, v), jnp.bfloat16),
+               S((v,), jnp.float32) if bias else None, S((n,), jnp.int32)]
+
+    def fn(e, c, b, t):
+        return mf.logits_chunk_mosaic(e, c, b, t, p=p, cfg=cfg, need_sum=True)
+
+    assert "cce_logits_chunk_mosaic" in lower_for_h200(fn, *structs)
