@@ -64,7 +64,6 @@ recorded as errors and the run continues.
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
 import datetime
 import functools
@@ -88,6 +87,11 @@ import optax
 from jax import lax
 
 from cce_jax import api, options
+from cce_jax.bench_data import DATA_RECIPES, DTYPES, LM_RECIPES, Data, make_data
+from cce_jax.bench_data import _lm_prior_features  # noqa: F401 (re-exported for the tests)
+from cce_jax.bench_report import (
+    data_lines, fmt_err, fmt_ok, format_markdown, format_table, row_line, write_csv, write_json,
+)
 
 SHAPES: dict[str, tuple[int, int, int]] = {
     "gemma2": (8192, 2304, 256000),
@@ -95,14 +99,6 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "small": (512, 256, 4099),
     "llama3-65k": (65536, 4096, 128256),
 }
-DTYPES = {"bf16": jnp.bfloat16, "fp16": jnp.float16, "fp32": jnp.float32}
-DATA_RECIPES = ("flat", "peaked", "lm", "lm-loose", "lm-sorted")
-# The LM-like recipes differ only in how token ids follow token frequency (see the module docstring).
-LM_RECIPES = ("lm", "lm-loose", "lm-sorted")
-# Standard deviation of the noise added to log(id) before ranking ids for "lm-loose".
-LM_LOOSE_ORDER_NOISE = 2.0
-# Gradient tile shapes whose live fraction (some |softmax - onehot| >= filter eps) each data set reports.
-LIVE_TILES = ((128, 128), (16, 128))
 KINDS = ("fw", "fw-bw")
 KERNEL_IMPLS = ("cce", "cce_kahan", "cce_kahan_full_c", "cce_kahan_full_e", "cce_exact")
 IMPLS = (*KERNEL_IMPLS, "xla", "dense", "baseline", "baseline_f32")
@@ -119,12 +115,7 @@ HALF_LOGIT_TOLERANCES = (4e-3, 3e-2)
 # Multiplies the reference's "what an element-wise filter would drop" bound for implementations that filter.
 FILTER_ALLOWANCE = 1.5
 
-LM_ZIPF_EXPONENT = 1.0
-LM_NOISE_STD = 5.0
-LM_PRIOR_FEATURES = 16
 
-# Logit elements the data-statistics pass holds per temporary (256 MB of float32).
-_STATS_ELEMENTS = 1 << 26
 _GIB = 1 << 30
 _MIB = 1 << 20
 
@@ -177,118 +168,6 @@ def baseline_f32_loss(e: jax.Array, c: jax.Array, targets: jax.Array) -> jax.Arr
 IMPL_REGISTRY: dict[str, Impl] = {name: _library_impl(name) for name in IMPLS if name.startswith(("cce", "xla", "dense"))}
 IMPL_REGISTRY["baseline"] = Impl(baseline_loss, half_logits=True)
 IMPL_REGISTRY["baseline_f32"] = Impl(baseline_f32_loss)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def _lm_prior_features(d: int) -> int:
-    return max(1, min(LM_PRIOR_FEATURES, d // 4))
-
-
-@functools.partial(jax.jit, static_argnames=("recipe", "n", "d", "v", "dtype"))
-def _generate(key, *, recipe: str, n: int, d: int, v: int, dtype):
-    k_e, k_c, k_t, k_r = jax.random.split(key, 4)
-    if recipe == "flat":
-        e = jax.random.normal(k_e, (n, d), jnp.float32)
-        c = jax.random.normal(k_c, (v, d), jnp.float32) * d**-0.5
-    elif recipe == "peaked":
-        scale = d**-0.25
-        e = jax.random.normal(k_e, (n, d), jnp.float32) * scale
-        c = jax.random.normal(k_c, (v, d), jnp.float32) * scale
-        m = min(n, v)
-        c = c.at[:m].set(e[:m])
-    elif recipe in LM_RECIPES:
-        k = _lm_prior_features(d)
-        e = jax.random.normal(k_e, (n, d), jnp.float32).at[:, :k].set(1.0)
-        c = jax.random.normal(k_c, (v, d), jnp.float32) * (LM_NOISE_STD / math.sqrt(d - k))
-        if recipe == "lm":  # frequent tokens at random ids
-            ranks = jax.random.permutation(k_r, v) + 1
-        elif recipe == "lm-sorted":  # ids in frequency order
-            ranks = jnp.arange(1, v + 1)
-        else:  # ids loosely follow frequency: ranked by log(id) plus noise
-            key = jnp.log1p(jnp.arange(v, dtype=jnp.float32)) + LM_LOOSE_ORDER_NOISE * jax.random.normal(k_r, (v,))
-            ranks = jnp.argsort(jnp.argsort(key)) + 1
-        prior = -LM_ZIPF_EXPONENT * jnp.log(ranks.astype(jnp.float32))
-        c = c.at[:, :k].set(jnp.broadcast_to(prior[:, None] / k, (v, k)))
-    else:
-        raise ValueError(f"unknown data recipe {recipe!r}")
-    targets = jax.random.randint(k_t, (n,), 0, v, dtype=jnp.int32)
-    return e.astype(dtype), c.astype(dtype), targets
-
-
-@functools.partial(jax.jit, static_argnames=("sample", "eps"))
-def _softmax_stats(e, c, key, *, sample: bool, eps: float):
-    """Per row: softmax entropy, top probability, entries >= eps, a target drawn from it (if ``sample``) and the
-    largest probability of each block of LIVE_TILES[0][1] columns."""
-    n, v = e.shape[0], c.shape[0]
-    precision = lax.Precision.HIGHEST if e.dtype == jnp.float32 else lax.Precision.DEFAULT
-
-    block = LIVE_TILES[0][1]
-    pad = -v % block
-
-    def row(args):
-        e_row, k = args
-        z = lax.dot_general(c, e_row, (((1,), (0,)), ((), ())), precision=precision,
-                            preferred_element_type=jnp.float32)
-        lse = jax.nn.logsumexp(z)
-        p = jnp.exp(z - lse)
-        entropy = lse - jnp.sum(p * z)
-        target = jnp.argmax(z + jax.random.gumbel(k, z.shape)).astype(jnp.int32) if sample else jnp.int32(0)
-        block_max = jnp.pad(p, (0, pad)).reshape(-1, block).max(axis=1)
-        return entropy, p.max(), jnp.sum(p >= eps, dtype=jnp.float32), target, block_max
-
-    return lax.map(row, (e, jax.random.split(key, n)), batch_size=max(1, min(n, _STATS_ELEMENTS // v)))
-
-
-def live_tile_fractions(block_max: np.ndarray, targets: np.ndarray, eps: float) -> dict[str, float]:
-    """Fraction of gradient tiles in which some ``|softmax - onehot| >= eps``, per tile shape of LIVE_TILES.
-
-    ``block_max`` is each row's largest probability per block of columns; a block holding the row's target is
-    live (its onehot entry deviates by ``1 - p``, which only a near-certain prediction brings below eps)."""
-    n, blocks = block_max.shape
-    live = block_max >= eps
-    live[np.arange(n), targets // LIVE_TILES[0][1]] = True
-    out = {}
-    for rows, cols in LIVE_TILES:
-        pad = -n % rows
-        grid = np.pad(live, ((0, pad), (0, 0))).reshape(-1, rows, blocks).any(axis=1)
-        out[f"live_{rows}x{cols}"] = float(grid.mean())
-    return out
-
-
-@dataclasses.dataclass
-class Data:
-    e: jax.Array
-    c: jax.Array
-    targets: jax.Array
-    stats: dict[str, float]
-
-
-def make_data(recipe: str, n: int, d: int, v: int, dtype: str, seed: int) -> Data:
-    """Generates one data recipe on the default device (see the module docstring) and measures its softmax."""
-    if recipe not in DATA_RECIPES:
-        raise ValueError(f"recipe must be one of {DATA_RECIPES}, got {recipe!r}")
-    key = jax.random.fold_in(jax.random.key(seed), DATA_RECIPES.index(recipe))
-    gen_key, stats_key = jax.random.split(key)
-    e, c, targets = _generate(gen_key, recipe=recipe, n=n, d=d, v=v, dtype=DTYPES[dtype])
-    eps = options.resolve_filter_eps("auto", DTYPES[dtype])
-    lm = recipe in LM_RECIPES
-    entropy, top, dense, sampled, block_max = _softmax_stats(e, c, stats_key, sample=lm, eps=eps)
-    if lm:
-        targets = sampled
-    entropy, top, dense = (np.asarray(x, np.float64) for x in (entropy, top, dense))
-    stats = {
-        "entropy_mean": float(entropy.mean()),
-        "entropy_std": float(entropy.std()),
-        "top_prob_mean": float(top.mean()),
-        "frac_p_ge_eps": float(dense.sum() / (n * v)),
-        "filter_eps": eps,
-        **live_tile_fractions(np.asarray(block_max), np.asarray(targets), eps),
-    }
-    jax.block_until_ready((e, c, targets))
-    return Data(e, c, targets, stats)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -572,126 +451,6 @@ class Worker:
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Formatting
-
-
-def fmt_ms(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.1f}" if x >= 10 else f"{x:.3g}"
-
-
-def fmt_mb(x: float | None) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
-
-
-def fmt_err(row: dict) -> str:
-    return "-" if row.get("err") is None else f"{row['err']:.1e}"
-
-
-def fmt_ok(row: dict) -> str:
-    return "-" if row.get("ok") is None else ("pass" if row["ok"] else "FAIL")
-
-
-def fmt_det(row: dict) -> str:
-    return "-" if row.get("det") is None else ("yes" if row["det"] else "no")
-
-
-def row_line(row: dict) -> str:
-    head = f"{row['shape']} {row['data']} {row['impl']} {row['kind']}"
-    if row["status"] != "ok":
-        return f"{head}: error: {row['error']}"
-    return (f"{head}: {fmt_ms(row['median_ms'])} ms, temp {fmt_mb(row['temp_mb'])} MB, peak "
-            f"{fmt_mb(row['peak_mb'])} MB, loss {row['loss']:.5g}, det {fmt_det(row)}")
-
-
-TABLE_COLUMNS = ("shape", "data", "impl", "kind", "ms", "temp MB", "peak MB", "loss", "err", "ok", "det")
-
-
-def _cells(row: dict) -> list[str]:
-    head = [row["shape"], row["data"], row["impl"], row["kind"]]
-    if row["status"] != "ok":
-        return [*head, f"error: {row['error']}"]
-    return [*head, fmt_ms(row["median_ms"]), fmt_mb(row["temp_mb"]), fmt_mb(row["peak_mb"]), f"{row['loss']:.5g}",
-            fmt_err(row), fmt_ok(row), fmt_det(row)]
-
-
-def format_table(rows: Sequence[dict]) -> str:
-    """Plain-text table of the results; an error row carries its message in place of the numbers."""
-    body = [_cells(row) for row in rows]
-    widths = [len(col) for col in TABLE_COLUMNS]
-    for cells in body:
-        widths = [max(w, len(cell)) for w, cell in zip(widths, cells[:4] if len(cells) < len(widths) else cells)] + \
-            widths[4 if len(cells) < len(widths) else len(widths):]
-    lines = ["  ".join(col.ljust(w) for col, w in zip(TABLE_COLUMNS, widths)).rstrip()]
-    lines += ["  ".join(cell.ljust(w) for cell, w in zip(cells, widths)).rstrip() for cells in body]
-    return "\n".join(lines)
-
-
-def data_lines(groups: Sequence[dict]) -> list[str]:
-    """One line per (shape, data) group: the softmax statistics and the reference."""
-    lines = []
-    for g in groups:
-        dims = f"{g['n']}x{g['d']}x{g['v']}"
-        name = g["shape"] if g["shape"] == dims else f"{g['shape']} ({dims})"
-        text = (f"{name} {g['data']}: entropy {g['entropy_mean']:.2f} nats "
-                f"(std {g['entropy_std']:.2f}), top prob {g['top_prob_mean']:.3f}, p >= eps {g['frac_p_ge_eps']:.1e}")
-        live = [f"{key[5:]} {g[key]:.0%}" for key in (f"live_{r}x{c}" for r, c in LIVE_TILES) if key in g]
-        if live:
-            text += ", live tiles " + " / ".join(live)
-        if g.get("drop_de") is not None:
-            text += f", filter drop bound dE {g['drop_de']:.1e} dC {g['drop_dc']:.1e}"
-        if g.get("ref_loss") is not None:
-            text += f", reference loss {g['ref_loss']:.5g}"
-        if g.get("ref_error"):
-            text += f", reference failed: {g['ref_error']}"
-        lines.append(text)
-    return lines
-
-
-def format_markdown(report: dict) -> str:
-    """A section for benchmarks/*.md: heading with date, device, versions and commit, the command, the table."""
-    meta = report["metadata"]
-    lines = [
-        f"### {meta['date']}: {meta['device_kind']}, jax {meta['jax_version']}, commit {meta['git_commit']}, "
-        f"{meta['dtype']}",
-        "",
-        f"`{meta['command']}`",
-        "",
-        "| " + " | ".join(TABLE_COLUMNS) + " |",
-        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
-    ]
-    for row in report["results"]:
-        cells = [cell.replace("|", "/") for cell in _cells(row)]
-        cells += [""] * (len(TABLE_COLUMNS) - len(cells))
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Data (softmax of the generated logits):", ""]
-    lines += [f"- {line}" for line in data_lines(report["data"])]
-    return "\n".join(lines) + "\n\n"
-
-
-CSV_FIELDS = ("shape", "n", "d", "v", "dtype", "data", "impl", "kind", "status", "error", "median_ms", "min_ms",
-              "temp_mb", "peak_mb", "loss", "loss_err", "de_err", "dc_err", "err", "tol_loss", "tol_de", "tol_dc",
-              "ok", "det")
-CSV_META = ("date", "device_kind", "jax_version", "git_commit", "command")
-
-
-def write_csv(path: str, report: dict) -> None:
-    meta = report["metadata"]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*CSV_FIELDS, *CSV_META])
-        writer.writeheader()
-        for row in report["results"]:
-            writer.writerow({**{k: row.get(k) for k in CSV_FIELDS}, **{k: meta.get(k) for k in CSV_META}})
-
-
-def write_json(path: str, report: dict) -> None:
-    Path(path).write_text(json.dumps(report, indent=1) + "\n")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -5,9 +5,13 @@ Forward (evaluation, and the recompute path's forward): :func:`pallas_kernels.ls
 applies, see :func:`use_mosaic_forward`) gives per-token ``(lse, target_logit, sum_logits)``.
 
 Training a scalar loss (:func:`training_impl`, the default): the three-pass path of :mod:`cce_jax.three_pass`
-with :func:`pallas_kernels.logits_chunk.logits_chunk` computing each token chunk's logits once, XLA's dense
-products, and for sides that may filter the block-sparse products :func:`~pallas_kernels.backward.accumulate_de`
-and :func:`~pallas_kernels.backward.write_dc` (``accumulate=True``).
+with :class:`ChunkLogits` computing each token chunk's logits once (the Mosaic GPU kernel
+:func:`pallas_kernels.mosaic_logits_chunk.logits_chunk_mosaic` on Hopper GPUs where it applies, see
+:func:`use_mosaic_logits`; :func:`pallas_kernels.logits_chunk.logits_chunk` on Triton elsewhere) and writing
+the logit gradient over them (:func:`pallas_kernels.chunk_grad.chunk_grad`), then XLA's dense products and,
+for sides that may filter, the block-sparse products :func:`~pallas_kernels.backward.accumulate_de` and
+:func:`~pallas_kernels.backward.write_dc` (``accumulate=True``), chosen as
+:class:`cce_jax.three_pass.SparseProducts` describes.
 
 Recompute path (per-token cotangents): only ``lse`` is saved; the backward loops over vocabulary chunks, each
 chunk's logit gradient formed by :func:`pallas_kernels.backward.logit_grad` (with per-tile filter flags) and
@@ -240,7 +244,7 @@ def use_mosaic_forward(e, c, bias, p: Problem, config: KernelConfig, interpret: 
 
 def use_mosaic_logits(e, c, bias, p: Problem, config: KernelConfig, interpret: bool) -> bool:
     """Whether the three-pass path's logits chunk runs the Mosaic GPU kernel
-    (:func:`pallas_kernels.mosaic_forward.logits_chunk_mosaic`): the rules of :func:`use_mosaic_forward` for
+    (:func:`pallas_kernels.mosaic_logits_chunk.logits_chunk_mosaic`): the rules of :func:`use_mosaic_forward` for
     the chunk's problem, plus whole row blocks and product tiles that subdivide the Mosaic tiles."""
     cfg = config.mosaic_chunk
     if config.forward_backend == "triton" or cfg.block_v % config.backward.block_v:
@@ -260,7 +264,7 @@ class ChunkLogits:
 
     Pass 1 stores the chunk's logits once in the input's precision, each tile relative to its row maxima, with
     exact float32 statistics: :func:`pallas_kernels.logits_chunk.logits_chunk` (Triton) or, where
-    :func:`use_mosaic_logits` says so, :func:`pallas_kernels.mosaic_forward.logits_chunk_mosaic`. Pass 2
+    :func:`use_mosaic_logits` says so, :func:`pallas_kernels.mosaic_logits_chunk.logits_chunk_mosaic`. Pass 2
     (:func:`pallas_kernels.chunk_grad.chunk_grad`) writes the logit gradient over that buffer. The tile width
     follows from the shapes the pass returns, so either kernel may serve a chunk.
     """
@@ -280,7 +284,7 @@ class ChunkLogits:
 
     def __call__(self, e_k, t_k, c, bias):
         from pallas_kernels.logits_chunk import logits_chunk  # noqa: PLC0415
-        from pallas_kernels.mosaic_forward import chunk_splits, logits_chunk_mosaic  # noqa: PLC0415
+        from pallas_kernels.mosaic_logits_chunk import chunk_splits, logits_chunk_mosaic  # noqa: PLC0415
 
         p = three_pass.problem(e_k.shape[0], e_k.shape[1], self.spec.vocab_size(c), self.spec, bias is not None)
         if use_mosaic_logits(e_k, c, bias, p, self.config, self.interpret):

@@ -44,6 +44,10 @@ it hid the problem.
 The outputs are now always padded to whole row blocks (``debug="unpadded_out"`` keeps the old store, only to
 reproduce the failure on a GPU).
 
+Tile stores (``store=True`` of :func:`run_kernel`, used by :mod:`pallas_kernels.mosaic_logits_chunk` for the
+three-pass path): each compute warpgroup also writes every logits tile relative to its row maxima and the maxima
+themselves, through per-warpgroup SMEM buffers and TMA copies (``stages`` shrinks to fit: :func:`smem_bytes`).
+
 Debug variants (``debug=`` of :func:`lse_forward_mosaic`, for benchmarks/mosaic_gpu_check.py): ``"row_max"``
 returns the running row max instead of the lse (softmax sum not used), ``"unpadded_out"`` the pre-fix
 ``(N,)`` output store.
@@ -203,7 +207,8 @@ def smem_bytes(cfg: MosaicForwardConfig, dtype, store: bool) -> int:
 
 def check_supported(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig, store: bool = False) -> None:
     """Raises NotImplementedError when the Mosaic kernel cannot run this problem (the caller uses Triton).
-    ``store``: the logits-chunk variant (:func:`logits_chunk_mosaic`), which also needs whole row blocks."""
+    ``store``: the logits-chunk variant (:mod:`pallas_kernels.mosaic_logits_chunk`), which also needs whole row
+    blocks and the SMEM of its tile buffers."""
     if e.dtype not in (jnp.bfloat16, jnp.float16) or c.dtype != e.dtype:
         raise NotImplementedError(f"Mosaic forward needs bf16/fp16 e and c of one dtype, got {e.dtype}, {c.dtype}")
     if p.layout not in ("vd", "dv"):
@@ -228,7 +233,7 @@ def check_supported(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardCo
 
 
 def supports(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig, store: bool = False) -> bool:
-    """Whether :func:`lse_forward_mosaic` (``store``: :func:`logits_chunk_mosaic`) runs this problem (dtype and
+    """Whether :func:`lse_forward_mosaic` (``store``: the logits-chunk variant) runs this problem (dtype and
     shape rules of the TMA copies, shared memory)."""
     try:
         check_supported(e, c, p, cfg, store)
@@ -474,7 +479,7 @@ def _resolve_interpret(interpret):
 DEBUG_MODES = (None, "row_max", "unpadded_out")
 
 
-def _call(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, need_sum: bool, interpret, debug,
+def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, need_sum: bool, interpret, debug,
           store: bool):
     """The kernel's outputs: (lse, zt, zs) as (v_splits, N_pad) partials or (N_out,), plus with ``store`` the
     logits buffer (N, cdiv(V, W) * W) and the transposed tile maxima (cdiv(V, W) * compute_wgs, N)."""
@@ -520,7 +525,7 @@ def _call(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, need_sum
     return f(*args)
 
 
-def _merge(lse, zt, zs, p: Problem, cfg: MosaicForwardConfig, debug=None):
+def merge_outputs(lse, zt, zs, p: Problem, cfg: MosaicForwardConfig, debug=None):
     if cfg.v_splits > 1:
         if debug == "row_max":
             return lse[:, :p.n].max(axis=0), *merge_splits(lse, zt, zs, p.n)[1:]
@@ -554,39 +559,9 @@ def lse_forward_mosaic(
     ``N % 4 != 0``; only to reproduce that). See the module docstring for the grid, the block layout and the
     limits.
     """
-    lse, zt, zs = _call(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum, interpret=interpret, debug=debug,
+    lse, zt, zs = run_kernel(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum, interpret=interpret, debug=debug,
                         store=False)
-    return _merge(lse, zt, zs, p, cfg, debug)
-
-
-def chunk_splits(n: int, v: int, cfg: MosaicForwardConfig, sms: int = 132) -> int:
-    """Vocabulary splits that fill one wave of ``sms`` CTAs (one per SM: the kernel's shared memory) for N
-    tokens: as many as fit, so no CTA waits for a second wave."""
-    return max(1, min(cdiv(v, cfg.tile_v), sms // cdiv(n, cfg.block_n)))
-
-
-@functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "interpret"))
-def logits_chunk_mosaic(
-    e: jax.Array,
-    c: jax.Array,
-    bias: jax.Array | None,
-    targets: jax.Array,
-    *,
-    p: Problem,
-    cfg: MosaicForwardConfig,
-    need_sum: bool,
-    interpret=False,
-):
-    """The contract of :func:`pallas_kernels.logits_chunk.logits_chunk` on the Mosaic GPU kernel: ``(z_rel, m,
-    lse, target_logit, sum_logits)`` with ``z_rel`` (N, T * block_v) in e's dtype, each ``block_v``-column
-    tile stored relative to its row maxima ``m`` (N, T) float32, T = cdiv(V, tile_v) * compute_wgs; columns
-    past V hold -inf. Needs N % block_n == 0 (the three-pass plan aligns its chunks). Every compute
-    warpgroup writes each tile through SMEM with TMA while the next tile's operands stream in.
-    """
-    lse, zt, zs, z_rel, m_t = _call(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum, interpret=interpret,
-                                    debug=None, store=True)
-    lse, zt, zs = _merge(lse, zt, zs, p, cfg)
-    return z_rel, m_t.T, lse, zt, zs
+    return merge_outputs(lse, zt, zs, p, cfg, debug)
 
 
 def _without_bias(kernel, e_ref, c_ref, *refs):
