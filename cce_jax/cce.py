@@ -151,8 +151,11 @@ TUNING_FILE_ENV = "CCE_JAX_TUNING_FILE"
 
 
 def config_from_dict(entry: dict) -> KernelConfig:
-    return KernelConfig(forward=ForwardConfig(**entry["forward"]), backward=BackwardConfig(**entry["backward"]),
-                        **{k: v for k, v in entry.items() if k not in ("forward", "backward")})
+    """A :class:`KernelConfig` from its ``dataclasses.asdict`` form (nested configs as dicts)."""
+    nested = {"forward": ForwardConfig, "backward": BackwardConfig, "mosaic": MosaicForwardConfig,
+              "mosaic_chunk": MosaicForwardConfig}
+    return KernelConfig(**{k: (nested[k](**v) if k in nested and isinstance(v, dict) else v)
+                           for k, v in entry.items()})
 
 
 @functools.lru_cache(maxsize=None)

@@ -214,3 +214,17 @@ def test_config_table_file_is_read(tmp_path, monkeypatch):
     monkeypatch.setenv(cce_lib.TUNING_FILE_ENV, str(path))
     assert cce_lib.default_config(24, jnp.float32) == dataclasses.replace(SMALL, dense_fraction=0.5)
     assert cce_lib.default_config(4096, jnp.bfloat16) in set(cce_lib.TUNED.values()) | {cce_lib.DEFAULT}
+
+
+def test_config_round_trips_through_its_dict_form():
+    """Every nested config (Triton tiles and both Mosaic GPU configs) survives ``dataclasses.asdict`` and JSON."""
+    import dataclasses
+    import json
+
+    from cce_jax import cce as cce_lib
+    from pallas_kernels.mosaic_forward import MosaicForwardConfig
+
+    cfg = dataclasses.replace(SMALL, chunk_dc="per_chunk", forward_backend="triton",
+                              mosaic=MosaicForwardConfig(block_n=64, block_v=256, stages=3, compute_wgs=1),
+                              mosaic_chunk=MosaicForwardConfig(block_n=128, block_v=64, stages=2))
+    assert cce_lib.config_from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
