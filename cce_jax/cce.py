@@ -59,7 +59,8 @@ class KernelConfig:
       chunk_tokens: tokens per chunk of the three-pass training path (:mod:`cce_jax.three_pass`); None sizes
         chunks from the memory budget. Its logits kernel uses the ``forward`` tiles.
       chunk_dense_fraction: on the three-pass path, a token chunk whose fraction of live gradient tiles exceeds
-        this computes dE with XLA's dense product; below it the block-sparse kernel skips dead tiles.
+        this computes dE with XLA's dense product; below it the block-sparse kernel skips dead tiles. dC's
+        choice (``chunk_dc``) uses the same threshold.
       chunk_dc: how the three-pass path chooses dC's product on a side that may filter
         (:class:`cce_jax.three_pass.SparseProducts`): ``"sampled"`` (once per call from one sampled row block of
         tokens against ``chunk_dense_fraction``), ``"per_chunk"``, ``"sparse"`` or ``"dense"``.
