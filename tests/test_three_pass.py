@@ -23,6 +23,7 @@ from cce_jax import KernelConfig, XlaConfig, compute_z_loss, linear_cross_entrop
 from cce_jax import three_pass as three_pass_lib
 from pallas_kernels.backward import BackwardConfig
 from pallas_kernels.lse_forward import ForwardConfig
+from pallas_kernels.mosaic_forward import MosaicForwardConfig
 from reference import (
     Tolerance,
     assert_close,
@@ -379,6 +380,29 @@ def test_reduction_none_per_token_cotangents(rng, impl, three_pass_calls):
     _check(inputs, impl, g_loss=rng.standard_normal(shape) * 2.0, g_lse=rng.standard_normal(shape),
            what="none", grad_path="auto", **options)
     assert not three_pass_calls, 'grad_path="auto" with reduction "none" must take the recompute path'
+
+
+# The Mosaic GPU kernels (forced; in Mosaic GPU's interpreter) behind both paths: the three-pass logits chunk and
+# the one-pass forward of the recompute path. One compute warpgroup: see tests/test_mosaic_forward.py.
+_MOSAIC_1WG = MosaicForwardConfig(block_n=64, block_v=64, block_d=16, stages=2, compute_wgs=1)
+MOSAIC_KERNELS = dataclasses.replace(KERNELS, forward_backend="mosaic", mosaic=_MOSAIC_1WG, mosaic_chunk=_MOSAIC_1WG)
+MOSAIC_BATCH, MOSAIC_D, MOSAIC_V = (3, 50), 48, 136  # D % 16, V % 8, N >= block_n; 3 chunks of 64, padded
+
+
+@pytest.mark.parametrize("reduction,grad_path", [("mean", "auto"), ("none", "auto")], ids=["mean-lse", "none"])
+def test_mosaic_kernels_per_token_cotangents(rng, reduction, grad_path, three_pass_calls):
+    """Random non-uniform per-token cotangents (on the lse, and on the loss for reduction "none") through the
+    Mosaic GPU kernels: the three-pass path (mean, with z_loss) adds the exact recompute VJP to gradients formed
+    from the Mosaic logits chunk; reduction "none" runs the recompute path on the Mosaic forward."""
+    inputs = _inputs(rng, jnp.bfloat16, shape=MOSAIC_BATCH, d=MOSAIC_D, v=MOSAIC_V, weights=True, bias=True,
+                     logit_scale=2.0)
+    options = dict(reduction=reduction, shift=1, softcap=3.0, z_loss=0.1 if reduction == "mean" else 0.0)
+    shape = (MOSAIC_BATCH[0], MOSAIC_BATCH[1] - 1)
+    g_lse = rng.standard_normal(shape) * rng.uniform(0.1, 3.0, shape)
+    g_loss = rng.standard_normal(shape) * 2.0 if reduction == "none" else G_LOSS
+    _check(inputs, MOSAIC_KERNELS, g_loss=g_loss, g_lse=g_lse, what=f"mosaic {reduction}", grad_path=grad_path,
+           **options)
+    assert bool(three_pass_calls) == (reduction == "mean")
 
 
 # --------------------------------------------------------------------------------------------------------------
