@@ -35,7 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from cce_jax import api, benchmark, cce, three_pass
+from cce_jax import api, benchmark, cce, options, three_pass
 
 
 def _config(d, dtype, **changes):
@@ -68,14 +68,13 @@ def passes(shape: str, recipe: str, data, iters: int):
     e, c, t = data.e, data.c, data.targets
     config = cce.default_config(d, e.dtype)
     spec = LogitSpec()
-    plan = three_pass.make_plan(n, d, v, e.dtype, budget_bytes=three_pass.default_budget(e.shape, c.shape, e.dtype),
-                                row_align=max(config.mosaic_chunk.block_n, config.forward.block_n,
-                                              config.backward.block_n),
-                                col_align=max(config.forward.block_v, config.mosaic_chunk.tile_v))
+    logits = cce.ChunkLogits(spec, config, False)
+    plan = cce.chunk_plan(n, d, v, e.dtype, logits, three_pass.default_budget(e.shape, c.shape, e.dtype))
     k = plan.chunk
     e_k, t_k = e[:k], t[:k]
     coeffs = LossCoefficients(jnp.full((k,), 1.0 / n), jnp.full((k,), -1.0 / n), jnp.zeros((k,)), jnp.zeros((k,)))
-    sparse = three_pass.SparseProducts(filter_eps=2.0 ** -12, filter_e=True, filter_c=True,
+    sparse = three_pass.SparseProducts(filter_eps=options.resolve_filter_eps("auto", e.dtype), filter_e=True,
+                                       filter_c=True,
                                        dense_fraction=config.chunk_dense_fraction, config=config.backward,
                                        interpret=False)
     rows = []
@@ -99,20 +98,18 @@ def passes(shape: str, recipe: str, data, iters: int):
         print(json.dumps(rows[-1]), flush=True)
 
     for backend in ("mosaic", "triton"):
-        logits = cce.ChunkLogits(spec, dataclasses.replace(config, forward_backend=backend), False)
+        pass_logits = cce.ChunkLogits(spec, dataclasses.replace(config, forward_backend=backend), False)
 
-        def pass1(e_k, logits=logits):
+        def pass1(e_k, logits=pass_logits):
             x, m, lse, _, _ = logits(e_k, t_k, c, None)
             return x, m, lse
 
-        def pass12(e_k, logits=logits):
+        def pass12(e_k, logits=pass_logits):
             x, m, lse, _, _ = logits(e_k, t_k, c, None)
             return logits.gradient(x, m, lse, t_k, coeffs, v=v, col_sums=False, dtype=e.dtype)[0]
 
         record(f"logits[{backend}]", pass1, e_k)
         record(f"logits+grad[{backend}]", pass12, e_k)
-
-    logits = cce.ChunkLogits(spec, config, False)
 
     def step(dc, need_de, dc_mode, de_sparse=None):
         sp = sparse if de_sparse is None else dataclasses.replace(

@@ -225,6 +225,12 @@ def _varies(*xs) -> bool:
     return any(x is not None and jax.typeof(x).mat.varying for x in xs)
 
 
+def _mosaic_eligible(e, c, bias, interpret: bool) -> bool:
+    """What ``forward_backend="auto"`` requires of either Mosaic GPU kernel before its shape rules: compiled on a
+    Hopper GPU, half-precision inputs, outside ``shard_map`` axes (its outputs carry no varying-axes types)."""
+    return not interpret and jnp.dtype(e.dtype).itemsize == 2 and not _varies(e, c, bias) and _on_hopper()
+
+
 def use_mosaic_forward(e, c, bias, p: Problem, config: KernelConfig, interpret: bool) -> bool:
     """Whether the forward runs the Mosaic GPU kernel (:mod:`pallas_kernels.mosaic_forward`).
 
@@ -241,9 +247,7 @@ def use_mosaic_forward(e, c, bias, p: Problem, config: KernelConfig, interpret: 
     if backend == "mosaic":
         mosaic_forward.check_supported(e, c, p, config.mosaic)
         return True
-    if interpret or jnp.dtype(e.dtype).itemsize != 2 or _varies(e, c, bias) or not _on_hopper():
-        return False
-    return mosaic_forward.supports(e, c, p, config.mosaic)
+    return _mosaic_eligible(e, c, bias, interpret) and mosaic_forward.supports(e, c, p, config.mosaic)
 
 
 def use_mosaic_logits(e, c, bias, p: Problem, config: KernelConfig, interpret: bool) -> bool:
@@ -258,8 +262,7 @@ def use_mosaic_logits(e, c, bias, p: Problem, config: KernelConfig, interpret: b
     if config.forward_backend == "mosaic":
         mosaic_forward.check_supported(e, c, p, cfg, store=True)
         return True
-    return (not interpret and jnp.dtype(e.dtype).itemsize == 2 and not _varies(e, c, bias) and _on_hopper()
-            and mosaic_forward.supports(e, c, p, cfg, store=True))
+    return _mosaic_eligible(e, c, bias, interpret) and mosaic_forward.supports(e, c, p, cfg, store=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,7 +279,6 @@ class ChunkLogits:
     spec: LogitSpec
     config: KernelConfig
     interpret: bool
-    bytes_per_entry: int = 0
 
     @property
     def rows(self) -> int:
@@ -442,6 +444,15 @@ def token_stats(
     return _token_stats(e, c, bias, targets, spec, backward, config, resolve_interpret(interpret))
 
 
+def chunk_plan(n: int, d: int, v: int, dtype, logits: ChunkLogits, budget_bytes: int) -> three_pass.Plan:
+    """The three-pass plan for the kernels: chunks aligned to the logits kernels' and the products' row blocks,
+    buffers as wide as either logits kernel writes them."""
+    config = logits.config
+    return three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, chunk=config.chunk_tokens,
+                                row_align=max(logits.rows, config.backward.block_n),
+                                col_align=max(config.forward.block_v, config.mosaic_chunk.tile_v))
+
+
 def training_impl(
     n: int,
     d: int,
@@ -470,9 +481,7 @@ def training_impl(
             dc_mode=config.chunk_dc,
         )
     logits = ChunkLogits(spec, config, interpret)
-    plan = three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, chunk=config.chunk_tokens,
-                                row_align=max(logits.rows, config.backward.block_n),
-                                col_align=max(config.forward.block_v, config.mosaic_chunk.tile_v))
+    plan = chunk_plan(n, d, v, dtype, logits, budget_bytes)
     return three_pass.TrainingImpl(
         forward=functools.partial(_forward, spec=spec, config=config, interpret=interpret),
         gradients=functools.partial(three_pass.gradients, spec=spec, plan=plan, logits=logits,

@@ -480,7 +480,7 @@ DEBUG_MODES = (None, "row_max", "unpadded_out")
 
 
 def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, need_sum: bool, interpret, debug,
-          store: bool):
+               store: bool):
     """The kernel's outputs: (lse, zt, zs) as (v_splits, N_pad) partials or (N_out,), plus with ``store`` the
     logits buffer (N, cdiv(V, W) * W) and the transposed tile maxima (cdiv(V, W) * compute_wgs, N)."""
     check_supported(e, c, p, cfg, store)

@@ -163,6 +163,13 @@ def lower_for_h200(fn, *structs) -> str:
         return jax.jit(fn).trace(*structs).lower(lowering_platforms=("cuda",)).as_text()
 
 
+def _structs(n, d, v, layout, has_bias):
+    """Abstract bf16 (e, c, bias or None, targets) for lowering."""
+    S = jax.ShapeDtypeStruct
+    return [S((n, d), jnp.bfloat16), S((v, d) if layout == "vd" else (d, v), jnp.bfloat16),
+            S((v,), jnp.float32) if has_bias else None, S((n,), jnp.int32)]
+
+
 LOWER_CASES = [
     # (n, d, v, layout, has_bias, softcap, need_sum, cfg)
     (1030, 1008, 50264, "vd", False, None, False, CFG),
@@ -181,9 +188,7 @@ LOWER_CASES = [
 def test_lowers_for_h200(case):
     n, d, v, layout, has_bias, cap, need_sum, cfg = case
     p = Problem(n=n, d=d, v=v, layout=layout, softcap=cap, has_bias=has_bias)
-    S = jax.ShapeDtypeStruct
-    structs = [S((n, d), jnp.bfloat16), S((v, d) if layout == "vd" else (d, v), jnp.bfloat16),
-               S((v,), jnp.float32) if has_bias else None, S((n,), jnp.int32)]
+    structs = _structs(n, d, v, layout, has_bias)
 
     def fn(e, c, b, t):
         return mf.lse_forward_mosaic(e, c, b, t, p=p, cfg=cfg, need_sum=need_sum)
@@ -339,9 +344,7 @@ def test_logits_chunk_lowers_for_h200(layout, bias, cap):
     cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, v_splits=16)
     n, d, v = 1024, 2304, 256000
     p = Problem(n=n, d=d, v=v, layout=layout, softcap=cap, has_bias=bias)
-    S = jax.ShapeDtypeStruct
-    structs = [S((n, d), jnp.bfloat16), S((v, d) if layout == "vd" else (d, v), jnp.bfloat16),
-               S((v,), jnp.float32) if bias else None, S((n,), jnp.int32)]
+    structs = _structs(n, d, v, layout, bias)
 
     def fn(e, c, b, t):
         return mlc.logits_chunk_mosaic(e, c, b, t, p=p, cfg=cfg, need_sum=True)
