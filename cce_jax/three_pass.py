@@ -60,11 +60,25 @@ CHUNK_OVERHEAD_ROWS = 128
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    """How the three-pass path walks the tokens: ``num_chunks`` chunks of ``chunk`` tokens (the last chunk is
-    padded with zero-coefficient rows when ``chunk * num_chunks > N``)."""
+    """How the three-pass path walks the tokens: ``num_chunks`` chunks of ``chunk`` tokens, each starting at a
+    multiple of ``align`` rows (the kernels' TMA copies want aligned row blocks).
+
+    When ``chunk * num_chunks > N`` the last chunk ends at row N and overlaps the one before it, its rows already
+    covered given zero coefficients (no copy of e); only when N is smaller than a chunk or not a multiple of
+    ``align`` are e and the token arrays padded instead.
+    """
 
     chunk: int
     num_chunks: int
+    align: int = 1
+
+    def overlaps(self, n: int) -> bool:
+        """Whether the last chunk overlaps (True) rather than being padded (False) for N tokens."""
+        return n >= self.chunk and n % self.align == 0
+
+    def starts(self, n: int) -> list[int]:
+        return [min(i * self.chunk, n - self.chunk) if self.overlaps(n) else i * self.chunk
+                for i in range(self.num_chunks)]
 
 
 def _round_up(x: int, m: int) -> int:
@@ -88,7 +102,7 @@ def make_plan(n: int, d: int, v: int, dtype, *, budget_bytes: int, extra_bytes_p
     """
     if chunk is not None:
         chunk = _round_up(max(1, chunk), row_align)
-        return Plan(chunk=chunk, num_chunks=-(-n // chunk))
+        return Plan(chunk=chunk, num_chunks=-(-n // chunk), align=row_align)
     per_row = (jnp.dtype(dtype).itemsize + extra_bytes_per_entry) * _round_up(v, col_align) + 8 * d
     most = max(row_align, budget_bytes // per_row // row_align * row_align)
     fewest = -(-n // most)
@@ -97,7 +111,7 @@ def make_plan(n: int, d: int, v: int, dtype, *, budget_bytes: int, extra_bytes_p
         size = _round_up(-(-n // k), row_align)
         cost = (size + CHUNK_OVERHEAD_ROWS) * k
         if size <= most and (best is None or cost < best_cost):
-            best, best_cost = Plan(chunk=size, num_chunks=k), cost
+            best, best_cost = Plan(chunk=size, num_chunks=k, align=row_align), cost
     return best
 
 
@@ -298,46 +312,64 @@ def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec,
     """Per-token stats and the gradients of ``sum_n [a lse + b z_t + s sum z + q lse^2]`` (unit cotangent).
 
     ``need`` says which of (dE, dC, dbias) to form; the others come back None. Tokens are walked in
-    ``plan.num_chunks`` chunks by a ``lax.scan``; dC (float32 if ``accum_c_fp32``, else c's dtype) and the
-    float32 dbias are its carry, so each chunk adds into them in place.
+    ``plan.num_chunks`` chunks by a ``lax.scan``; dE (e's dtype), dC (float32 if ``accum_c_fp32``, else c's
+    dtype) and the float32 dbias are its carry, so each chunk adds into them in place.
     """
     need_de, need_dc, need_db = need
     need_dc = need_dc or need_db
     n, d = e.shape
-    rows = plan.chunk * plan.num_chunks
-    e_p = _pad_rows(e, rows, 0)
-    t_p = _pad_rows(targets, rows, -1)
-    coeffs_p = LossCoefficients(*(_pad_rows(x.astype(jnp.float32), rows, 0.0) for x in coeffs))
-    split = lambda x: x.reshape((plan.num_chunks, plan.chunk) + x.shape[1:])  # noqa: E731
+    k = plan.chunk
+    if plan.overlaps(n):
+        rows, e_p, t_p, coeffs_p = n, e, targets, coeffs
+    else:
+        rows = k * plan.num_chunks
+        e_p, t_p = _pad_rows(e, rows, 0), _pad_rows(targets, rows, -1)
+        coeffs_p = LossCoefficients(*(_pad_rows(x.astype(jnp.float32), rows, 0.0) for x in coeffs))
+    coeffs_p = LossCoefficients(*(x.astype(jnp.float32) for x in coeffs_p))
+    starts = jnp.asarray(plan.starts(n), jnp.int32)
     dc_dtype = jnp.float32 if accum_c_fp32 else c.dtype
     vary = lambda x: varying_like(x, e, c, bias, targets, *coeffs)  # noqa: E731
 
-    xs = (split(e_p), split(t_p), tuple(map(split, coeffs_p)))
-
     def scan(dc_mode):
-        def step(carry, xs):
-            e_k, t_k, coeffs_k = xs
-            stats, de_k, carry = _chunk_gradients(
-                e_k, t_k, coeffs_k, c, bias, spec=spec, logits=logits, need_de=need_de, need_dc=need_dc,
-                sparse=sparse, dc_mode=dc_mode, carry=carry,
+        def step(carry, i):
+            de, dc, db = carry
+            start = starts[i]
+            rows_k = lambda x: lax.dynamic_slice_in_dim(x, start, k)  # noqa: E731
+            # Rows an earlier chunk covered (the overlapping last chunk's first ones) get zero coefficients:
+            # their gradient rows are exactly zero, so they add nothing below.
+            fresh = start + jnp.arange(k) >= i * k
+            coeffs_k = LossCoefficients(*(jnp.where(fresh, rows_k(x), 0.0) for x in coeffs_p))
+            e_k = rows_k(e_p)
+            stats, de_k, (dc, db) = _chunk_gradients(
+                e_k, rows_k(t_p), coeffs_k, c, bias, spec=spec, logits=logits, need_de=need_de,
+                need_dc=need_dc, sparse=sparse, dc_mode=dc_mode, carry=(dc, db),
             )
-            de_k = None if de_k is None else de_k.astype(e.dtype)
-            return carry, (stats, de_k)
+            if de_k is not None:
+                # Added to what is there (zeros, or an earlier chunk's rows where this one adds zeros).
+                de_k = (rows_k(de).astype(jnp.float32) + de_k).astype(de.dtype)
+                de = lax.dynamic_update_slice_in_dim(de, de_k, start, axis=0)
+            return (de, dc, db), stats
 
+        de0 = vary(jnp.zeros((rows, d), e.dtype)) if need_de else None
         dc0 = vary(jnp.zeros(c.shape, dc_dtype)) if need_dc else None
         db0 = vary(jnp.zeros((spec.vocab_size(c),), jnp.float32)) if (need_db and bias is not None) else None
-        return lax.scan(step, (dc0, db0), xs)
+        return lax.scan(step, (de0, dc0, db0), jnp.arange(plan.num_chunks))
 
     if sparse is None or not (sparse.filter_c and need_dc) or sparse.dc_mode != "sampled":
-        (dc, db), (stats, de) = scan(None if sparse is None else sparse.dc_mode)
+        (de, dc, db), stats = scan(None if sparse is None else sparse.dc_mode)
     else:
         # dC is created inside each branch, so neither scan copies it.
         dense = sampled_live_fraction(e, c, bias, targets, coeffs, logits=logits, sparse=sparse) > \
             sparse.dense_fraction
-        (dc, db), (stats, de) = lax.cond(dense, lambda: scan("dense"), lambda: scan("sparse"))
-    unsplit = lambda x: x.reshape((rows,) + x.shape[2:])[:n]  # noqa: E731
+        (de, dc, db), stats = lax.cond(dense, lambda: scan("dense"), lambda: scan("sparse"))
+    if plan.overlaps(n):
+        # The last chunk's rows an earlier chunk covered are dropped from its stats.
+        skip = k * plan.num_chunks - n
+        unsplit = lambda x: jnp.concatenate([x[:-1].reshape(-1), x[-1, skip:]])  # noqa: E731
+    else:
+        unsplit = lambda x: x.reshape(-1)[:n]  # noqa: E731
     stats = TokenStats(*map(unsplit, stats))
-    de = None if de is None else unsplit(de)
+    de = None if de is None else de[:n]
     if dc is not None:
         dc = dc.astype(c.dtype) if need[1] else None
     dbias = None if db is None else db.astype(bias.dtype)

@@ -99,6 +99,8 @@ class MosaicForwardConfig:
       compute_wgs: compute warpgroups per CTA (1 or 2), each with its own block_v columns of the CTA tile.
       v_splits: CTAs sharing one row block, each over 1/v_splits of the vocabulary (merged by XLA when > 1).
       approx_math: approximate exp/log/tanh (MUFU); exp2/log stay accurate to ~1e-6 relative, tanh to ~1e-3.
+      async_wgmma: keep one wgmma in flight while the next is issued (each slot is released one step later, so
+        the ring holds one fewer step in flight: give it a stage more).
     """
 
     block_n: int = 64
@@ -108,6 +110,7 @@ class MosaicForwardConfig:
     compute_wgs: int = 2
     v_splits: int = 1
     approx_math: bool = False
+    async_wgmma: bool = False
 
     def __post_init__(self):
         if self.block_n % 64 or self.block_n <= 0:
@@ -341,6 +344,8 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
         def logits_tile(j, w):
             """float32 (bn, bv) tile of e @ c^T for this warpgroup's columns of vocabulary tile j (no bias)."""
             def mm(acc_ref):
+                lag = int(cfg.async_wgmma)
+
                 def k_step(k, carry):
                     slot = lax.rem(j * kd + k, S)
                     plgpu.barrier_wait(loaded.at[slot])
@@ -348,11 +353,20 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
                     if p.layout == "vd":
                         rhs = rhs.transpose((1, 0))
                     plgpu.wgmma(acc_ref, e_smem.at[slot], rhs)
-                    plgpu.wgmma_wait(0)
-                    plgpu.barrier_arrive(consumed.at[slot])
+                    # With ``lag`` the previous step's wgmma has now finished reading its slot.
+                    plgpu.wgmma_wait(lag)
+                    if lag:
+                        @pl.when(k > 0)
+                        def _():
+                            plgpu.barrier_arrive(consumed.at[lax.rem(j * kd + k - 1, S)])
+                    else:
+                        plgpu.barrier_arrive(consumed.at[slot])
                     return carry
 
                 lax.fori_loop(0, kd, k_step, None)
+                if lag:
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(consumed.at[lax.rem(j * kd + kd - 1, S)])
                 return acc_ref[...]
 
             return pl.run_scoped(mm, plgpu.ACC((bn, bv), jnp.float32))

@@ -98,7 +98,9 @@ def test_softcap_only_fp16():
     dataclasses.replace(CFG, v_splits=2),
     dataclasses.replace(CFG, v_splits=3, compute_wgs=1, block_v=64),  # last split runs past V entirely
     dataclasses.replace(CFG, block_n=128, block_d=32, stages=4),
-], ids=["1wg", "bv64-s2", "split2", "split3-1wg", "bn128-bd32"])
+    dataclasses.replace(CFG, async_wgmma=True, stages=4),
+    dataclasses.replace(CFG, async_wgmma=True, stages=2, compute_wgs=1),  # the slot released late is the ring
+], ids=["1wg", "bv64-s2", "split2", "split3-1wg", "bn128-bd32", "async", "async-s2-1wg"])
 def test_configs(cfg):
     _run_and_check(140, 96, 328, has_bias=True, softcap=5.0, cfg=cfg)
 
@@ -181,6 +183,9 @@ LOWER_CASES = [
      mf.MosaicForwardConfig(block_n=64, block_v=256, block_d=64, stages=3, compute_wgs=1)),
     (8192, 2304, 256000, "dv", True, 30.0, True,
      mf.MosaicForwardConfig(block_n=64, block_v=256, block_d=64, stages=3, compute_wgs=2, approx_math=True)),
+    (8192, 2304, 256000, "vd", False, None, True,
+     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=32, stages=8, compute_wgs=2, v_splits=2,
+                            async_wgmma=True)),
 ]
 
 
@@ -327,7 +332,8 @@ def test_logits_chunk(layout, v):
     dataclasses.replace(CHUNK_CFG, v_splits=4),  # the last split runs past V: its stores are skipped
     dataclasses.replace(CHUNK_CFG, block_v=64, stages=2),
     dataclasses.replace(CFG, compute_wgs=2),  # no bias: few enough concurrent waits for the interpreter
-], ids=["split4", "bv64-s2", "2wg"])
+    dataclasses.replace(CHUNK_CFG, async_wgmma=True, block_d=32, stages=3),
+], ids=["split4", "bv64-s2", "2wg", "async-bd32"])
 def test_logits_chunk_configs(cfg):
     _check_logits_chunk(64, 96, 328, cfg=cfg, need_sum=False, dtype=jnp.float16)
 
@@ -339,9 +345,11 @@ def test_logits_chunk_needs_whole_row_blocks():
         mlc.logits_chunk_mosaic(e, c, None, t, p=p, cfg=CFG, need_sum=False, interpret=True)
 
 
-@pytest.mark.parametrize("layout,bias,cap", [("vd", False, None), ("dv", True, 30.0)])
-def test_logits_chunk_lowers_for_h200(layout, bias, cap):
+@pytest.mark.parametrize("layout,bias,cap,extra", [("vd", False, None, {}), ("dv", True, 30.0, {}),
+                                                  ("vd", False, None, dict(block_d=32, stages=6, async_wgmma=True))])
+def test_logits_chunk_lowers_for_h200(layout, bias, cap, extra):
     cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, v_splits=16)
+    cfg = dataclasses.replace(cfg, **extra)
     n, d, v = 1024, 2304, 256000
     p = Problem(n=n, d=d, v=v, layout=layout, softcap=cap, has_bias=bias)
     structs = _structs(n, d, v, layout, bias)

@@ -174,6 +174,35 @@ def test_three_pass_matches_reference(rng, case, impl, three_pass_calls):
     assert plan.num_chunks >= 2 and plan.chunk * plan.num_chunks > n, f"want several chunks, a padded last: {plan}"
 
 
+# Token counts at which the last chunk overlaps the one before it instead of being padded (N a multiple of the
+# plan's row alignment, not of the chunk): XLA 4 chunks of 16 from row 0, 16, 32, 40; kernels 2 of 32 from 0, 16.
+OVERLAP_BATCH = {"xla": (4, 14), "kernels": (4, 12)}
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_overlapping_last_chunk(rng, impl, dtype, three_pass_calls):
+    """The last chunk ends at row N and re-covers rows of the one before it with zero coefficients: every option
+    and a random per-token lse cotangent still match the float64 reference, and no token is counted twice."""
+    shape = OVERLAP_BATCH["kernels" if _is_kernel(impl) else "xla"]
+    inputs = _inputs(rng, dtype, shape=shape, bias=True, weights=True, logit_scale=2.0, ignore_rows=slice(18, 30))
+    out = (shape[0], shape[1] - 1)  # shift=1
+    g_lse = rng.standard_normal(out) * rng.uniform(0.1, 3.0, out)
+    options = dict(reduction="mean", shift=1, softcap=4.0, label_smoothing=0.1, z_loss=0.05)
+    _check(inputs, impl, g_lse=g_lse, what="overlap", grad_path="three_pass", **options)
+    plan = three_pass_calls[0]
+    n = int(np.prod(shape))
+    assert plan.overlaps(n) and plan.chunk * plan.num_chunks > n, f"want an overlapping last chunk: {plan}, N={n}"
+    assert plan.starts(n)[-1] == n - plan.chunk
+
+
+def test_plan_starts():
+    plan = three_pass_lib.Plan(chunk=32, num_chunks=3, align=16)
+    assert plan.starts(80) == [0, 32, 48] and plan.overlaps(80)
+    assert plan.starts(72) == [0, 32, 64] and not plan.overlaps(72)  # 72 % 16: padded
+    assert not three_pass_lib.Plan(chunk=32, num_chunks=1, align=16).overlaps(16)  # N below one chunk: padded
+
+
 @pytest.mark.parametrize(
     "reduction,impl",
     [pytest.param("mean", XLA, id="mean-xla"), pytest.param("sum", KERNELS, id="sum-kernels")],
