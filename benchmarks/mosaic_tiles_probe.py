@@ -12,7 +12,12 @@ For each shape it builds the three-pass plan of ``impl="cce"`` and, per candidat
 - ``fw <name>``: the forward kernel over the whole batch, and ``fw-loss <name>`` the loss with that config;
 - the XLA baseline (``fw`` and ``fwbw``) in the same run.
 
-    MOSAIC_GPU_DUMP_PTXAS=1 python3 benchmarks/mosaic_tiles_probe.py --json out.json 2> ptxas.log
+    MOSAIC_GPU_DUMP_PTXAS=1 python3 benchmarks/mosaic_tiles_probe.py --json out.json > tiles.log
+
+(ptxas' register and spill report of every kernel then lands in tiles.log between the JSON rows.) Each row
+costs ~30 s, mostly compiling: the defaults take more than one 10-minute device call; pass --shape, --chunk,
+--fw and --fwbw subsets. ``--interpret --dims 256,64,1024`` dry-runs the script on a CPU (one compute
+warpgroup, timings meaningless).
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ walks the tokens in chunks (a ``lax.scan``) and, for each chunk,
    formed); :class:`SparseProducts` says how each side chooses.
 
 No logit is computed twice, and the temporary memory is one chunk of logits, overwritten by its gradient
-(``Plan``; 45% and 52% of the gradients' bytes at the gemma2 and llama3 shapes on an H200). The backward rule
+(``Plan``; 45% of the gradients' bytes at the gemma2 and llama3 shapes on an H200). The backward rule
 scales the stored gradients by the incoming scalar cotangent. Per-token cotangents (a differentiated
 ``return_lse``) cannot be folded in ahead of time; for those the backward adds the implementation's exact
 recompute VJP (``TrainingImpl.stats_fn``), only when such a cotangent is actually nonzero.

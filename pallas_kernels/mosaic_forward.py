@@ -100,7 +100,9 @@ class MosaicForwardConfig:
       v_splits: CTAs sharing one row block, each over 1/v_splits of the vocabulary (merged by XLA when > 1).
       approx_math: approximate exp/log/tanh (MUFU); exp2/log stay accurate to ~1e-6 relative, tanh to ~1e-3.
       async_wgmma: keep one wgmma in flight while the next is issued (each slot is released one step later, so
-        the ring holds one fewer step in flight: give it a stage more).
+        the ring holds one fewer step in flight: give it a stage more). Off by default: with two compute
+        warpgroups the other one already keeps the tensor cores busy, and on an H200 it was 3-10% slower
+        (benchmarks/results.md, pass 1 configs).
     """
 
     block_n: int = 64
