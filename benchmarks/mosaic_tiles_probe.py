@@ -40,6 +40,7 @@ from cce_jax.autotune import median_ms  # noqa: E402
 from cce_jax.stats import LogitSpec  # noqa: E402
 from pallas_kernels import mosaic_forward as mf  # noqa: E402
 from pallas_kernels import mosaic_logits_chunk as mlc  # noqa: E402
+from three_pass_probe import rel  # noqa: E402  (this directory is on sys.path when run as a script)
 
 M = mf.MosaicForwardConfig
 CHUNK_CFGS = {
@@ -58,11 +59,6 @@ FW_CFGS = {
     "bd32-s8-vs2-async": M(block_n=128, block_v=128, block_d=32, stages=8, compute_wgs=2, v_splits=2,
                            async_wgmma=True),
 }
-
-
-def rel(a, b):
-    a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
-    return float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(b), 1e-30))
 
 
 INTERPRET = False  # --interpret: the Mosaic GPU interpreter (a CPU dry run of the script at --dims)

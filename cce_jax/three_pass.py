@@ -319,13 +319,13 @@ def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec,
     need_dc = need_dc or need_db
     n, d = e.shape
     k = plan.chunk
+    coeffs_p = LossCoefficients(*(x.astype(jnp.float32) for x in coeffs))
     if plan.overlaps(n):
-        rows, e_p, t_p, coeffs_p = n, e, targets, coeffs
+        rows, e_p, t_p = n, e, targets
     else:
         rows = k * plan.num_chunks
         e_p, t_p = _pad_rows(e, rows, 0), _pad_rows(targets, rows, -1)
-        coeffs_p = LossCoefficients(*(_pad_rows(x.astype(jnp.float32), rows, 0.0) for x in coeffs))
-    coeffs_p = LossCoefficients(*(x.astype(jnp.float32) for x in coeffs_p))
+        coeffs_p = LossCoefficients(*(_pad_rows(x, rows, 0.0) for x in coeffs_p))
     starts = jnp.asarray(plan.starts(n), jnp.int32)
     dc_dtype = jnp.float32 if accum_c_fp32 else c.dtype
     vary = lambda x: varying_like(x, e, c, bias, targets, *coeffs)  # noqa: E731
@@ -339,9 +339,8 @@ def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec,
             # their gradient rows are exactly zero, so they add nothing below.
             fresh = start + jnp.arange(k) >= i * k
             coeffs_k = LossCoefficients(*(jnp.where(fresh, rows_k(x), 0.0) for x in coeffs_p))
-            e_k = rows_k(e_p)
             stats, de_k, (dc, db) = _chunk_gradients(
-                e_k, rows_k(t_p), coeffs_k, c, bias, spec=spec, logits=logits, need_de=need_de,
+                rows_k(e_p), rows_k(t_p), coeffs_k, c, bias, spec=spec, logits=logits, need_de=need_de,
                 need_dc=need_dc, sparse=sparse, dc_mode=dc_mode, carry=(dc, db),
             )
             if de_k is not None:
