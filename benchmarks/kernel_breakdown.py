@@ -10,7 +10,8 @@ time against the wall span shows how much of a call is idle (launch gaps, host w
     python3 benchmarks/kernel_breakdown.py --shape gemma2 --data lm --variant cce,baseline --json out.json
 
 Variants: ``baseline`` (dense XLA + optax), ``cce``, ``cce_exact``, ``xla``, ``budget=xK`` (``cce`` with K times
-the default memory budget), ``chunk=T`` (``cce`` with T-token chunks).
+the default memory budget), ``chunk=T`` (``cce`` with T-token chunks), ``sort`` (``cce`` with
+``KernelConfig.sort_vocab``).
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def loss_fn(variant: str, d: int, grad_bytes: int):
     elif variant.startswith("budget=x"):
         kw = dict(impl="cce", max_temp_bytes=int(float(variant[8:]) * three_pass.DEFAULT_BUDGET_FRACTION
                                                  * grad_bytes))
+    elif variant == "sort":
+        kw = dict(impl=dataclasses.replace(cce.default_config(d, jnp.bfloat16), sort_vocab=True))
     elif variant.startswith("chunk="):
         kw = dict(impl=dataclasses.replace(cce.default_config(d, jnp.bfloat16), chunk_tokens=int(variant[6:])))
     else:

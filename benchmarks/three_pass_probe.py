@@ -114,9 +114,10 @@ def passes(shape: str, recipe: str, data, iters: int):
     def step(dc, need_de, dc_mode, de_sparse=None):
         sp = sparse if de_sparse is None else dataclasses.replace(
             sparse, dense_fraction=-1.0 if not de_sparse else 1.0)
-        _, de, (dc, _) = three_pass._chunk_gradients(  # noqa: SLF001
-            e_k, t_k, coeffs, c, None, spec=spec, logits=logits, need_de=need_de, need_dc=dc is not None,
-            sparse=sp, dc_mode=dc_mode, carry=(dc, None))
+        de0 = jnp.zeros((k, d), e.dtype) if need_de else None
+        _, (de, dc, _) = three_pass._chunk_gradients(  # noqa: SLF001
+            e_k, t_k, coeffs, c, None, spec=spec, logits=logits, need=(need_de, dc is not None, False),
+            sparse=sp, dc_mode=dc_mode, carry=(de0, dc, None))
         return dc if dc is not None else de
 
     dc0 = jnp.zeros(c.shape, c.dtype)

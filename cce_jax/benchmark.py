@@ -87,6 +87,7 @@ import optax
 from jax import lax
 
 from cce_jax import api, options
+from cce_jax import cce as cce_lib
 from cce_jax.bench_data import DATA_RECIPES, DTYPES, LM_RECIPES, Data, make_data
 from cce_jax.bench_data import _lm_prior_features  # noqa: F401 (re-exported for the tests)
 from cce_jax.bench_report import (
@@ -100,7 +101,7 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "llama3-65k": (65536, 4096, 128256),
 }
 KINDS = ("fw", "fw-bw")
-KERNEL_IMPLS = ("cce", "cce_kahan", "cce_kahan_full_c", "cce_kahan_full_e", "cce_exact")
+KERNEL_IMPLS = ("cce", "cce_sorted", "cce_kahan", "cce_kahan_full_c", "cce_kahan_full_e", "cce_exact")
 IMPLS = (*KERNEL_IMPLS, "xla", "dense", "baseline", "baseline_f32")
 
 # (loss relative error, gradient relative error) allowed per input dtype; see the module docstring.
@@ -167,6 +168,15 @@ def baseline_f32_loss(e: jax.Array, c: jax.Array, targets: jax.Array) -> jax.Arr
 # Name -> implementation; ``--impl`` accepts exactly these names.
 IMPL_REGISTRY: dict[str, Impl] = {name: _library_impl(name) for name in IMPLS if name.startswith(("cce", "xla", "dense"))}
 IMPL_REGISTRY["baseline"] = Impl(baseline_loss, half_logits=True)
+
+
+def _sorted_loss(e, c, targets):
+    config = dataclasses.replace(cce_lib.default_config(e.shape[1], e.dtype), sort_vocab=True)
+    return api.linear_cross_entropy(e, c, targets, impl=config)
+
+
+# impl="cce" walking the vocabulary in sampled-probability order (KernelConfig.sort_vocab).
+IMPL_REGISTRY["cce_sorted"] = dataclasses.replace(IMPL_REGISTRY["cce"], loss=_sorted_loss)
 IMPL_REGISTRY["baseline_f32"] = Impl(baseline_f32_loss)
 
 

@@ -97,13 +97,13 @@ def make_plan(n: int, d: int, v: int, dtype, *, budget_bytes: int, extra_bytes_p
     """Chunks whose buffers fit ``budget_bytes``.
 
     Per token a chunk holds V logits in the input's precision plus ``extra_bytes_per_entry`` per logit (the
-    XLA path's float32 logits), and float32 dE rows. Among the chunk counts that fit, the cheapest by
-    ``chunk * count + CHUNK_OVERHEAD_ROWS * count`` wins.
+    XLA path's float32 logits), and the float32 dE rows of a block-sparse dE product. Among the chunk counts
+    that fit, the cheapest by ``chunk * count + CHUNK_OVERHEAD_ROWS * count`` wins.
     """
     if chunk is not None:
         chunk = _round_up(max(1, chunk), row_align)
         return Plan(chunk=chunk, num_chunks=-(-n // chunk), align=row_align)
-    per_row = (jnp.dtype(dtype).itemsize + extra_bytes_per_entry) * _round_up(v, col_align) + 8 * d
+    per_row = (jnp.dtype(dtype).itemsize + extra_bytes_per_entry) * _round_up(v, col_align) + 4 * d
     most = max(row_align, budget_bytes // per_row // row_align * row_align)
     fewest = -(-n // most)
     best, best_cost = None, None
@@ -135,6 +135,13 @@ class SparseProducts:
     - ``"per_chunk"``: the same choice per chunk (``lax.cond`` inside the scan; XLA may copy dC);
     - ``"sparse"`` / ``"dense"``: always the block-sparse kernel (which leaves rows without live tiles
       untouched) / always XLA's dense product.
+
+    ``sort_vocab``: walk the vocabulary in the order :func:`vocab_order` derives from one sampled row block
+    (entries by their largest probability over the block, most probable first), so that the entries that carry
+    probability share tiles and the others form whole dead tiles. The classifier (and bias) are gathered into
+    that order once per call and dC is gathered back: 2 x bytes(dC) of temporary memory on top of the chunk
+    budget. dC's product is then chosen from a second sampled row block, in the sorted order (the block the
+    order comes from would look sparser than the batch).
     """
 
     filter_eps: float
@@ -144,6 +151,7 @@ class SparseProducts:
     config: Any  # pallas_kernels.backward.BackwardConfig
     interpret: bool
     dc_mode: str = "sampled"
+    sort_vocab: bool = False
 
     def __post_init__(self):
         if self.dc_mode not in DC_MODES:
@@ -171,6 +179,11 @@ class XlaLogits:
         total = z.sum(axis=1) if self.spec.need_sum else jnp.zeros_like(lse)
         return z, None, lse, target, total
 
+    def log_probs(self, z, m, lse):
+        """float32 ``log p`` of the buffer's entries (-inf past V)."""
+        del m
+        return z - lse[:, None]
+
     def gradient(self, z, m, lse, t_k, coeffs_k, *, v: int, col_sums: bool, dtype):
         """``(G in dtype, float32 column sums of G or None)`` from the float32 logits ``z``."""
         del m
@@ -185,10 +198,19 @@ class XlaLogits:
         return g.astype(dtype), (g.sum(axis=0)[:v] if col_sums else None)
 
 
-def _chunk_gradients(e_k, t_k, coeffs_k, c, bias, *, spec: LogitSpec, logits, need_de: bool, need_dc: bool,
-                     sparse: SparseProducts | None, dc_mode: str | None, carry):
-    """One token chunk: stats, dE rows and the chunk's contribution to dC / dbias (added into ``carry``)."""
-    dc, db = carry
+def _chunk_gradients(e_k, t_k, coeffs_k, c, bias, *, spec: LogitSpec, logits, need: tuple[bool, bool, bool],
+                     sparse: SparseProducts | None, dc_mode: str | None, carry, dc_dtype=None):
+    """One token chunk: stats, and its dE rows and contributions to dC / dbias added into ``carry``.
+
+    ``need`` says which of (dE, dC, dbias) to form. ``carry = (de_rows, dc, db)``: the chunk's current rows of
+    dE (e's dtype), dC and the float32 dbias. With ``dc_dtype`` given (the first chunk, dense dC) ``dc`` and
+    ``db`` are not read: the chunk writes its products instead of adding them, so no zero-filled dC is
+    initialised and re-read.
+    """
+    need_de, need_dc, need_db = need
+    need_db = need_db and bias is not None
+    need_dc = need_dc or need_db
+    de_rows, dc, db = carry
     v = spec.vocab_size(c)
     vaxis = 0 if spec.layout == "vd" else 1
 
@@ -196,15 +218,16 @@ def _chunk_gradients(e_k, t_k, coeffs_k, c, bias, *, spec: LogitSpec, logits, ne
     x, m, lse, target, total = logits(e_k, t_k, c, bias)
 
     # Pass 2: the logit gradient, in the input's precision (in the buffer's place for the kernels).
-    g, col_sum = logits.gradient(x, m, lse, t_k, coeffs_k, v=v, col_sums=bias is not None and need_dc,
-                                 dtype=e_k.dtype)
+    g, col_sum = logits.gradient(x, m, lse, t_k, coeffs_k, v=v, col_sums=need_db, dtype=e_k.dtype)
     live = None if sparse is None else _live_tiles(m, lse, t_k, coeffs_k, x.shape[1] // m.shape[1], sparse)
 
     # Pass 3: the products of the whole chunk.
-    de = _chunk_de(g, c, live, v=v, vaxis=vaxis, spec=spec, sparse=sparse) if need_de else None
+    if need_de:
+        de_rows = _chunk_de(g, c, de_rows, live, v=v, vaxis=vaxis, spec=spec, sparse=sparse)
     if need_dc:
-        dc, db = _chunk_dc(g, e_k, dc, db, col_sum, live, v=v, spec=spec, sparse=sparse, mode=dc_mode)
-    return TokenStats(lse, target, total), de, (dc, db)
+        dc, db = _chunk_dc(g, e_k, dc, db, col_sum, live, v=v, spec=spec, sparse=sparse, mode=dc_mode,
+                           dc_dtype=dc_dtype)
+    return TokenStats(lse, target, total), (de_rows, dc, db)
 
 
 def _live_tiles(m, lse, t_k, coeffs_k, tile: int, sparse: SparseProducts):
@@ -233,12 +256,16 @@ def _live_fraction(live):
     return jnp.mean(live.astype(jnp.float32))
 
 
-def _chunk_de(g, c, live, *, v, vaxis, spec, sparse):
-    """float32 ``G c`` of the chunk: XLA's dense product, or the block-sparse kernel when few tiles are live."""
+def _chunk_de(g, c, de_rows, live, *, v, vaxis, spec, sparse):
+    """``de_rows + G c`` in dE's dtype: XLA's dense product (one GEMM adding into the rows in place), or the
+    block-sparse kernel when few tiles are live."""
     d = c.shape[1 - vaxis]
 
     def dense():
-        return _dot(g[:, :v], c, 1, vaxis)
+        # In dE's own dtype, added to the rows: one GEMM with float32 arithmetic and one rounding (the rows
+        # hold zeros, or an earlier chunk's values where this chunk's coefficients are zero), and no float32
+        # (chunk, D) temporary.
+        return de_rows + _dot(g[:, :v], c, 1, vaxis, de_rows.dtype)
 
     if sparse is None or not sparse.filter_e:
         return dense()
@@ -249,23 +276,30 @@ def _chunk_de(g, c, live, *, v, vaxis, spec, sparse):
 
     def sparse_de():
         zeros = varying_like(jnp.zeros((g.shape[0], d), jnp.float32), g, c)
-        return kernels.accumulate_de(g, cols_of_row, count_of_row, c, jnp.zeros((1,), jnp.int32), zeros,
-                                     p=problem(g.shape[0], d, v, spec), cfg=cfg, interpret=sparse.interpret)
+        de = kernels.accumulate_de(g, cols_of_row, count_of_row, c, jnp.zeros((1,), jnp.int32), zeros,
+                                   p=problem(g.shape[0], d, v, spec), cfg=cfg, interpret=sparse.interpret)
+        return (de_rows.astype(jnp.float32) + de).astype(de_rows.dtype)
 
     return lax.cond(_live_fraction(live) > sparse.dense_fraction, dense, sparse_de)
 
 
-def _chunk_dc(g, e_k, dc, db, col_sum, live, *, v, spec, sparse, mode):
-    """``dc + G^T e_chunk`` (and ``db`` + the column sums of G), in place in the scan carry."""
+def _chunk_dc(g, e_k, dc, db, col_sum, live, *, v, spec, sparse, mode, dc_dtype=None):
+    """``dc + G^T e_chunk`` (and ``db`` + the column sums of G), in place in the scan carry; with ``dc_dtype``
+    the dense product alone (the first chunk: ``dc`` and ``db`` are not read)."""
 
     def dense(dc, db):
         # The product in dC's own dtype, added to dC: XLA runs ``dc + g^T e`` as one GEMM that reads and writes
         # dC in place (beta = 1, float32 arithmetic, one rounding). A float32 product added to a half dC made
         # XLA keep a float32 (V, D) temporary: 2.3 GB and ~0.8 ms per chunk at the gemma2 shape on an H200.
-        update = (_dot(g[:, :v], e_k, 0, 0, dc.dtype) if spec.layout == "vd" else
-                  _dot(e_k, g[:, :v], 0, 0, dc.dtype))
+        dtype = dc_dtype or dc.dtype
+        update = (_dot(g[:, :v], e_k, 0, 0, dtype) if spec.layout == "vd" else
+                  _dot(e_k, g[:, :v], 0, 0, dtype))
+        if dc_dtype is not None:
+            return update, col_sum
         return dc + update, (None if db is None else db + col_sum)
 
+    if dc_dtype is not None:
+        return dense(None, None)
     if sparse is None or not sparse.filter_c:
         return dense(dc, db)
     from pallas_kernels import backward as kernels  # noqa: PLC0415
@@ -294,17 +328,35 @@ def _pad_rows(x, rows: int, value):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def sampled_live_fraction(e, c, bias, targets, coeffs: LossCoefficients, *, logits, sparse: SparseProducts):
-    """Live-tile fraction of one ``block_n``-row block of tokens from the middle of the batch (zero rows pad it
-    when N is smaller), from one logits pass over those rows."""
-    bn = max(sparse.config.block_n, logits.rows)
+def _sampled_rows(e, targets, coeffs: LossCoefficients, rows: int, block: str):
+    """One ``rows``-row block of tokens (the middle one, or the first with ``block="first"``), zero rows padding
+    it when N is smaller: ``(e, targets, coeffs)`` of the block."""
     n = e.shape[0]
-    start = max(0, (n - bn) // 2) // bn * bn  # whole row blocks: kernels' TMA copies want aligned buffers
-    rows = lambda x, value: _pad_rows(lax.slice_in_dim(x, start, min(n, start + bn)), bn, value)  # noqa: E731
-    e_s, t_s = rows(e, 0), rows(targets, -1)
-    coeffs_s = LossCoefficients(*(rows(x.astype(jnp.float32), 0.0) for x in coeffs))
+    start = 0 if block == "first" else max(0, (n - rows) // 2) // rows * rows  # whole blocks: aligned TMA
+    take = lambda x, value: _pad_rows(lax.slice_in_dim(x, start, min(n, start + rows)), rows, value)  # noqa: E731
+    return take(e, 0), take(targets, -1), LossCoefficients(*(take(x.astype(jnp.float32), 0.0) for x in coeffs))
+
+
+def sampled_live_fraction(e, c, bias, targets, coeffs: LossCoefficients, *, logits, sparse: SparseProducts,
+                          block: str = "middle"):
+    """Live-tile fraction of one ``block_n``-row block of tokens (see :func:`_sampled_rows`), from one logits
+    pass over those rows."""
+    bn = max(sparse.config.block_n, logits.rows)
+    e_s, t_s, coeffs_s = _sampled_rows(e, targets, coeffs, bn, block)
     x, m, lse, _, _ = logits(e_s, t_s, c, bias)
     return _live_fraction(_live_tiles(m, lse, t_s, coeffs_s, x.shape[1] // m.shape[1], sparse))
+
+
+def vocab_order(e, c, bias, targets, coeffs: LossCoefficients, *, logits, sparse: SparseProducts):
+    """int32 (V,): the vocabulary ordered by each entry's largest probability over the middle ``block_n`` rows
+    of tokens that carry a gradient (one logits pass over them), most probable first; ties (entries no sampled
+    token makes probable) keep their natural order, so the order is deterministic."""
+    bn = max(sparse.config.block_n, logits.rows)
+    e_s, t_s, coeffs_s = _sampled_rows(e, targets, coeffs, bn, "middle")
+    x, m, lse, _, _ = logits(e_s, t_s, c, bias)
+    active = functools.reduce(jnp.logical_or, (x != 0 for x in coeffs_s))
+    score = jnp.where(active[:, None], logits.log_probs(x, m, lse), -jnp.inf).max(axis=0)
+    return jnp.argsort(-score[:logits.spec.vocab_size(c)], stable=True).astype(jnp.int32)
 
 
 def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec, plan: Plan, logits,
@@ -313,9 +365,31 @@ def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec,
 
     ``need`` says which of (dE, dC, dbias) to form; the others come back None. Tokens are walked in
     ``plan.num_chunks`` chunks by a ``lax.scan``; dE (e's dtype), dC (float32 if ``accum_c_fp32``, else c's
-    dtype) and the float32 dbias are its carry, so each chunk adds into them in place.
+    dtype) and the float32 dbias are its carry, so each chunk adds into them in place. Where dC's product is
+    dense, the first chunk runs before the scan and writes dC and dbias (rather than adding to zeros). With
+    ``sparse.sort_vocab`` the vocabulary is walked in :func:`vocab_order` (see :class:`SparseProducts`).
     """
+    kw = dict(spec=spec, plan=plan, logits=logits, need=need, accum_c_fp32=accum_c_fp32, sparse=sparse)
+    if sparse is None or not sparse.sort_vocab:
+        return _gradients(e, c, bias, targets, coeffs, **kw)
+    vaxis = 0 if spec.layout == "vd" else 1
+    order = vocab_order(e, c, bias, targets, coeffs, logits=logits, sparse=sparse)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype))
+    sorted_targets = jnp.where(targets >= 0, rank[jnp.clip(targets, 0)], targets)
+    stats, de, dc, dbias = _gradients(e, jnp.take(c, order, axis=vaxis),
+                                      None if bias is None else bias[order], sorted_targets, coeffs, **kw,
+                                      sample="first")
+    # dC's and dbias' rows go back to their own places (a gather: deterministic).
+    dc = None if dc is None else jnp.take(dc, rank, axis=vaxis)
+    dbias = None if dbias is None else dbias[rank]
+    return stats, de, dc, dbias
+
+
+def _gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec, plan: Plan, logits,
+               need: tuple[bool, bool, bool], accum_c_fp32: bool, sparse: SparseProducts | None,
+               sample: str = "middle"):
     need_de, need_dc, need_db = need
+    need_db = need_db and bias is not None
     need_dc = need_dc or need_db
     n, d = e.shape
     k = plan.chunk
@@ -329,37 +403,47 @@ def gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec,
     starts = jnp.asarray(plan.starts(n), jnp.int32)
     dc_dtype = jnp.float32 if accum_c_fp32 else c.dtype
     vary = lambda x: varying_like(x, e, c, bias, targets, *coeffs)  # noqa: E731
+    chunk_need = (need_de, need_dc, need_db)
+
+    def step(carry, i, dc_mode, first=False):
+        de, dc, db = carry
+        start = starts[i]
+        rows_k = lambda x: lax.dynamic_slice_in_dim(x, start, k)  # noqa: E731
+        # Rows an earlier chunk covered (the overlapping last chunk's first ones) get zero coefficients:
+        # their gradient rows are exactly zero, so they add nothing below.
+        fresh = start + jnp.arange(k) >= i * k
+        coeffs_k = LossCoefficients(*(jnp.where(fresh, rows_k(x), 0.0) for x in coeffs_p))
+        stats, (de_k, dc, db) = _chunk_gradients(
+            rows_k(e_p), rows_k(t_p), coeffs_k, c, bias, spec=spec, logits=logits, need=chunk_need,
+            sparse=sparse, dc_mode=dc_mode, carry=(None if de is None else rows_k(de), dc, db),
+            dc_dtype=dc_dtype if first else None,
+        )
+        if de is not None:
+            de = lax.dynamic_update_slice_in_dim(de, de_k, start, axis=0)
+        return (de, dc, db), stats
 
     def scan(dc_mode):
-        def step(carry, i):
-            de, dc, db = carry
-            start = starts[i]
-            rows_k = lambda x: lax.dynamic_slice_in_dim(x, start, k)  # noqa: E731
-            # Rows an earlier chunk covered (the overlapping last chunk's first ones) get zero coefficients:
-            # their gradient rows are exactly zero, so they add nothing below.
-            fresh = start + jnp.arange(k) >= i * k
-            coeffs_k = LossCoefficients(*(jnp.where(fresh, rows_k(x), 0.0) for x in coeffs_p))
-            stats, de_k, (dc, db) = _chunk_gradients(
-                rows_k(e_p), rows_k(t_p), coeffs_k, c, bias, spec=spec, logits=logits, need_de=need_de,
-                need_dc=need_dc, sparse=sparse, dc_mode=dc_mode, carry=(dc, db),
-            )
-            if de_k is not None:
-                # Added to what is there (zeros, or an earlier chunk's rows where this one adds zeros).
-                de_k = (rows_k(de).astype(jnp.float32) + de_k).astype(de.dtype)
-                de = lax.dynamic_update_slice_in_dim(de, de_k, start, axis=0)
-            return (de, dc, db), stats
-
         de0 = vary(jnp.zeros((rows, d), e.dtype)) if need_de else None
+        if need_dc and dc_mode in (None, "dense"):
+            # Dense dC: chunk 0 writes dC (and dbias), the scan adds the others.
+            carry, stats0 = step((de0, None, None), 0, dc_mode, first=True)
+            if plan.num_chunks == 1:
+                return carry, jax.tree.map(lambda x: x[None], stats0)
+            carry, stats = lax.scan(functools.partial(step, dc_mode=dc_mode), carry,
+                                    jnp.arange(1, plan.num_chunks))
+            return carry, jax.tree.map(lambda x0, x: jnp.concatenate([x0[None], x]), stats0, stats)
         dc0 = vary(jnp.zeros(c.shape, dc_dtype)) if need_dc else None
-        db0 = vary(jnp.zeros((spec.vocab_size(c),), jnp.float32)) if (need_db and bias is not None) else None
-        return lax.scan(step, (de0, dc0, db0), jnp.arange(plan.num_chunks))
+        db0 = vary(jnp.zeros((spec.vocab_size(c),), jnp.float32)) if need_db else None
+        return lax.scan(functools.partial(step, dc_mode=dc_mode), (de0, dc0, db0), jnp.arange(plan.num_chunks))
 
-    if sparse is None or not (sparse.filter_c and need_dc) or sparse.dc_mode != "sampled":
-        (de, dc, db), stats = scan(None if sparse is None else sparse.dc_mode)
+    if sparse is None or not (sparse.filter_c and need_dc):
+        (de, dc, db), stats = scan(None)
+    elif sparse.dc_mode != "sampled":
+        (de, dc, db), stats = scan(sparse.dc_mode)
     else:
         # dC is created inside each branch, so neither scan copies it.
-        dense = sampled_live_fraction(e, c, bias, targets, coeffs, logits=logits, sparse=sparse) > \
-            sparse.dense_fraction
+        dense = sampled_live_fraction(e, c, bias, targets, coeffs, logits=logits, sparse=sparse,
+                                      block=sample) > sparse.dense_fraction
         (de, dc, db), stats = lax.cond(dense, lambda: scan("dense"), lambda: scan("sparse"))
     if plan.overlaps(n):
         # The last chunk's rows an earlier chunk covered are dropped from its stats.

@@ -121,11 +121,13 @@ def test_mosaic_three_pass_matches_dense_on_gpu(opts):
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
-@pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_mosaic_paths_per_token_cotangents_on_gpu(reduction):
+@pytest.mark.parametrize("reduction,sort_vocab", [("mean", False), ("none", False), ("mean", True)],
+                         ids=["mean", "none", "mean-sorted"])
+def test_mosaic_paths_per_token_cotangents_on_gpu(reduction, sort_vocab):
     """Random non-uniform per-token cotangents through the compiled Mosaic GPU paths: "mean" differentiates the
     returned lse too (three-pass gradients plus the exact recompute VJP), over 3 chunks of 512 whose last overlaps
-    the one before it (N = 1280); "none" weighs each token's loss (the recompute path over the Mosaic forward)."""
+    the one before it (N = 1280), in natural or sorted vocabulary order; "none" weighs each token's loss (the
+    recompute path over the Mosaic forward)."""
     import dataclasses
 
     from cce_jax import cce
@@ -138,7 +140,7 @@ def test_mosaic_paths_per_token_cotangents_on_gpu(reduction):
     shape = args["targets"].shape
     g_lse = jnp.asarray(rng.standard_normal(shape) * rng.uniform(0.1, 3.0, shape), jnp.float32)
     g_loss = jnp.asarray(rng.standard_normal(shape) * 2.0, jnp.float32)
-    config = dataclasses.replace(cce.default_config(d, jnp.bfloat16), chunk_tokens=512)
+    config = dataclasses.replace(cce.default_config(d, jnp.bfloat16), chunk_tokens=512, sort_vocab=sort_vocab)
 
     def objective(impl):
         def f(e, c, bias, targets, weights):

@@ -21,6 +21,7 @@ from jax.extend import core as jex_core
 
 from cce_jax import KernelConfig, XlaConfig, compute_z_loss, linear_cross_entropy
 from cce_jax import three_pass as three_pass_lib
+from cce_jax.stats import LogitSpec, LossCoefficients
 from pallas_kernels.backward import BackwardConfig
 from pallas_kernels.lse_forward import ForwardConfig
 from pallas_kernels.mosaic_forward import MosaicForwardConfig
@@ -537,6 +538,96 @@ def test_three_pass_filtering(rng, chunk_dense_fraction, chunk_dc, skips):
     _assert_matches((loss, None, grads), want, inputs, "filter_eps=None")
 
 
+# Frequent columns spread over every 32-column tile of V = 131 (so in natural order every tile is live).
+SCATTERED = np.array([3, 40, 77, 101, 130, 19, 64, 90])
+
+
+def _scattered_peaked_inputs(rng, layout="vd"):
+    """As :func:`_peaked_inputs`, with the 8 frequent columns scattered over all five vocabulary tiles."""
+    inputs = _inputs(rng, bias=True, weights=True, layout=layout)
+    frequent = jnp.asarray(SCATTERED[rng.integers(0, 8, BATCH)], jnp.int32)
+    targets = jnp.where(inputs.targets == inputs.ignore_index, inputs.targets, frequent)
+    bias = jnp.asarray(rng.standard_normal(V) * 0.5, jnp.float32).at[SCATTERED].add(10.0)
+    return dataclasses.replace(inputs, targets=targets, bias=bias)
+
+
+def _zero_dc_columns(dc, layout) -> int:
+    dc = np.asarray(dc)
+    return int(np.sum(np.all((dc if layout == "vd" else dc.T) == 0.0, axis=1)))
+
+
+@pytest.mark.parametrize("layout", ["vd", "dv"])
+def test_sorted_vocabulary_clusters_live_tiles(rng, layout):
+    """sort_vocab=True on peaked data whose frequent columns sit in every tile: in natural order no tile can be
+    skipped, sorted the frequent columns share one tile and every other column's dC row (and dbias entry) is
+    exactly zero; both stay within the filtering bound of the float64 reference, and dC rows land in their own
+    places (the frequent columns' rows are the nonzero ones)."""
+    eps, shift = 1e-2, 1
+    options = dict(reduction="mean", shift=shift, grad_path="three_pass", filter_eps=eps)
+    inputs = _scattered_peaked_inputs(rng, layout)
+    want = _expected(inputs, G_LOSS, reduction="mean", shift=shift)
+    bounds = _filter_bound(inputs, "mean", shift, G_LOSS, eps)
+    zero = {}
+    for sort in (False, True):
+        impl = dataclasses.replace(KERNELS, chunk_dense_fraction=1.0, chunk_dc="sparse", sort_vocab=sort)
+        loss, _, grads = _vjp(inputs, impl, G_LOSS, **options)
+        assert_close(loss, want["loss"], jnp.float32, what=f"loss sort={sort}", scale=want["loss_scale"])
+        tol = Tolerance(1e-5, 1e-5)
+        for name, got, ref, bound, scale in zip(("de", "dc", "dbias"), grads, want["grads"], bounds,
+                                                want["scales"]):
+            err = np.abs(f64(got) - ref)
+            allowed = bound + tol.atol * max(scale, np.abs(ref).max()) + tol.rtol * np.abs(ref)
+            assert (err <= allowed).all(), f"sort={sort} {name}: error {err.max():.3e} beyond the filtering bound"
+        zero[sort] = _zero_dc_columns(grads[1], layout)
+        if sort:
+            dc_rows = np.asarray(grads[1]) if layout == "vd" else np.asarray(grads[1]).T
+            assert np.all(np.abs(dc_rows[SCATTERED]).max(axis=1) > 0), "a frequent column's dC row was lost"
+            assert np.array_equal(dc_rows.any(axis=1), np.asarray(grads[2]) != 0), "dC and dbias rows disagree"
+    # Sorted, one 32-column tile (the 8 frequent columns and 24 others) stays live.
+    assert zero[False] == 0, f"natural order should keep every tile live, {zero[False]} dC rows were zero"
+    assert zero[True] == V - KERNELS.backward.block_v, f"sorted: {zero[True]} zero dC rows"
+
+
+@pytest.mark.parametrize(
+    "chunk_dc,dtype",
+    [pytest.param("sparse", jnp.float32, id="sparse-fp32"), pytest.param("sampled", jnp.bfloat16, id="sampled-bf16")],
+)
+def test_sorted_vocabulary_is_exact(rng, chunk_dc, dtype):
+    """With a filter eps no entry falls below, walking the sorted vocabulary changes nothing but summation order:
+    every option that keeps filtering on (bias, softcap, z-loss, weights, shift, ignored tokens, "dv" layout,
+    ragged V; label smoothing turns filtering, and so sorting, off) with a random per-token lse cotangent matches
+    the float64 reference and the unsorted run."""
+    inputs = _inputs(rng, dtype, layout="dv", bias=True, weights=True, logit_scale=2.0, ignore_rows=slice(5, 9))
+    out = (BATCH[0], BATCH[1] - 1)
+    g_lse = rng.standard_normal(out) * rng.uniform(0.1, 3.0, out)
+    options = dict(reduction="mean", shift=1, softcap=4.0, z_loss=0.05, grad_path="three_pass", filter_eps=1e-30)
+    runs = {}
+    for sort in (False, True):
+        impl = dataclasses.replace(KERNELS, chunk_dense_fraction=1.0, chunk_dc=chunk_dc, sort_vocab=sort)
+        runs[sort] = _check(inputs, impl, g_lse=g_lse, what=f"sort={sort}", **options)[0]
+    (loss_u, lse_u, grads_u), (loss_s, lse_s, grads_s) = runs[False], runs[True]
+    assert_close(loss_s, f64(loss_u), jnp.float32, "loss", "sorted vs natural order")
+    assert_close(lse_s, f64(lse_u), jnp.float32, "loss", "lse sorted vs natural order")
+    for name, a, b in zip(("de", "dc", "dbias"), grads_s, grads_u):
+        assert_close(a, f64(b), dtype, "grad", f"{name} sorted vs natural order")
+
+
+def test_vocab_order():
+    """The order puts the entries the sampled rows make most probable first; entries none of them makes
+    probable keep their natural order; rows without a gradient (ignored) do not vote."""
+    n, d, v = 16, 8, 40
+    e = jnp.zeros((n, d), jnp.float32).at[:, 0].set(1.0).at[3, 1].set(1.0)
+    c = jnp.zeros((v, d), jnp.float32).at[[33, 7, 21], 0].set(jnp.array([9.0, 6.0, 3.0])).at[12, 1].set(30.0)
+    coeffs = LossCoefficients(*(jnp.ones((n,), jnp.float32).at[3].set(0.0) for _ in range(4)))
+    sparse = three_pass_lib.SparseProducts(filter_eps=1e-3, filter_e=True, filter_c=True, dense_fraction=1.0,
+                                           config=BackwardConfig(block_n=16), interpret=True, sort_vocab=True)
+    logits = three_pass_lib.XlaLogits(LogitSpec())
+    order = np.asarray(three_pass_lib.vocab_order(e, c, None, jnp.zeros((n,), jnp.int32), coeffs, logits=logits,
+                                                  sparse=sparse))
+    rest = [i for i in range(v) if i not in (33, 7, 21)]
+    assert order.tolist() == [33, 7, 21] + rest, order  # row 3 (which would rank 12 first) is ignored
+
+
 def test_three_pass_filtering_drops_exactly_the_predicted_tiles(rng):
     """On O(1) logits (a mix of live and skippable tiles) the block-sparse three-pass products equal the float64
     gradient with exactly the tiles the filtering rule skips dropped: a (16-row block of the padded chunk, 32-column
@@ -735,8 +826,9 @@ def _scan_lengths(jaxpr) -> set[int]:
      pytest.param(dataclasses.replace(KERNELS, chunk_tokens=None), 16, id="kernels")],
 )
 def test_tiny_budget_uses_smallest_chunks(rng, impl, row_align):
-    """max_temp_bytes=1 still works: chunks of one row block (scan over cdiv(N, row_align) chunks), with the
-    same result as the default budget (one chunk here)."""
+    """max_temp_bytes=1 still works: chunks of one row block (cdiv(N, row_align) chunks: the first runs before
+    the scan where dC's product is dense, and the kernels' sampled choice also traces a block-sparse scan over
+    all of them), with the same result as the default budget (one chunk here: no scan where dC is dense)."""
     inputs = _inputs(rng, bias=True, weights=True)
     options = dict(reduction="mean", shift=1, softcap=4.0, grad_path="three_pass")
     n = int(np.prod(BATCH))
@@ -747,8 +839,10 @@ def test_tiny_budget_uses_smallest_chunks(rng, impl, row_align):
                                         interpret=True, **options, **extra)
         return _scan_lengths(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(inputs.e, inputs.c, inputs.bias))
 
-    assert lengths(max_temp_bytes=1) == {-(-n // row_align)}
-    assert lengths() == {1}
+    chunks = -(-n // row_align)
+    sparse_scan = isinstance(impl, KernelConfig)
+    assert lengths(max_temp_bytes=1) == ({chunks - 1, chunks} if sparse_scan else {chunks - 1})
+    assert lengths() == ({1} if sparse_scan else set())
     tiny = _check(inputs, impl, what="max_temp_bytes=1", max_temp_bytes=1, **options)[0]
     default = _check(inputs, impl, what="default budget", **options)[0]
     for name, a, b in zip(("de", "dc", "dbias"), tiny[2], default[2]):
