@@ -11,7 +11,7 @@ time against the wall span shows how much of a call is idle (launch gaps, host w
 
 Variants: ``baseline`` (dense XLA + optax), ``cce``, ``cce_exact``, ``xla``, ``budget=xK`` (``cce`` with K times
 the default memory budget), ``chunk=T`` (``cce`` with T-token chunks), ``sort`` (``cce`` with
-``KernelConfig.sort_vocab``), ``rolled`` (``cce`` with its scan over chunks not unrolled).
+``KernelConfig.sort_vocab``).
 """
 
 from __future__ import annotations
@@ -44,14 +44,6 @@ def loss_fn(variant: str, d: int, grad_bytes: int):
     elif variant.startswith("budget=x"):
         kw = dict(impl="cce", max_temp_bytes=int(float(variant[8:]) * three_pass.DEFAULT_BUDGET_FRACTION
                                                  * grad_bytes))
-    elif variant == "rolled":
-        def rolled(e, c, t):
-            saved, three_pass.UNROLL_MAX_CHUNKS = three_pass.UNROLL_MAX_CHUNKS, 0
-            try:
-                return api.linear_cross_entropy(e, c, t, impl="cce")
-            finally:
-                three_pass.UNROLL_MAX_CHUNKS = saved
-        return rolled
     elif variant == "sort":
         kw = dict(impl=dataclasses.replace(cce.default_config(d, jnp.bfloat16), sort_vocab=True))
     elif variant.startswith("chunk="):

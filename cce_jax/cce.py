@@ -465,8 +465,7 @@ def chunk_plan(n: int, d: int, v: int, dtype, logits: ChunkLogits, budget_bytes:
     config = logits.config
     return three_pass.make_plan(n, d, v, dtype, budget_bytes=budget_bytes, chunk=config.chunk_tokens,
                                 row_align=max(logits.rows, config.backward.block_n),
-                                col_align=max(config.forward.block_v, config.mosaic_chunk.tile_v),
-                                unroll=not logits.interpret)
+                                col_align=max(config.forward.block_v, config.mosaic_chunk.tile_v))
 
 
 def training_impl(

@@ -56,10 +56,6 @@ MIN_BUDGET_BYTES = 32 * _MIB
 # Each extra chunk re-reads and re-writes dC (V x D): about the cost of this many more token rows of the three
 # matmul passes on an H200, so the chunking weighs fewer chunks against padded rows.
 CHUNK_OVERHEAD_ROWS = 128
-# On a GPU a rolled scan runs as a loop whose control costs each iteration a host round trip; unrolled, the
-# chunks are one stream of kernels (an H200 at gemma2's shape: ~1 ms of 50 idle). Beyond this many chunks the
-# compile time grows more than the call gains.
-UNROLL_MAX_CHUNKS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +71,6 @@ class Plan:
     chunk: int
     num_chunks: int
     align: int = 1
-    unroll: bool = False  # unroll the scan over chunks (compiled kernels: no per-iteration loop control)
 
     def overlaps(self, n: int) -> bool:
         """Whether the last chunk overlaps (True) rather than being padded (False) for N tokens."""
@@ -98,18 +93,16 @@ def default_budget(e_shape, c_shape, dtype) -> int:
 
 
 def make_plan(n: int, d: int, v: int, dtype, *, budget_bytes: int, extra_bytes_per_entry: int = 0,
-              row_align: int = 8, col_align: int = 1, chunk: int | None = None, unroll: bool = False) -> Plan:
+              row_align: int = 8, col_align: int = 1, chunk: int | None = None) -> Plan:
     """Chunks whose buffers fit ``budget_bytes``.
 
     Per token a chunk holds V logits in the input's precision plus ``extra_bytes_per_entry`` per logit (the
     XLA path's float32 logits), and the float32 dE rows of a block-sparse dE product. Among the chunk counts
     that fit, the cheapest by ``chunk * count + CHUNK_OVERHEAD_ROWS * count`` wins.
-    With ``unroll`` the scan over chunks is unrolled when there are at most ``UNROLL_MAX_CHUNKS`` of them.
     """
     if chunk is not None:
         chunk = _round_up(max(1, chunk), row_align)
-        count = -(-n // chunk)
-        return Plan(chunk=chunk, num_chunks=count, align=row_align, unroll=unroll and count <= UNROLL_MAX_CHUNKS)
+        return Plan(chunk=chunk, num_chunks=-(-n // chunk), align=row_align)
     per_row = (jnp.dtype(dtype).itemsize + extra_bytes_per_entry) * _round_up(v, col_align) + 4 * d
     most = max(row_align, budget_bytes // per_row // row_align * row_align)
     fewest = -(-n // most)
@@ -119,7 +112,7 @@ def make_plan(n: int, d: int, v: int, dtype, *, budget_bytes: int, extra_bytes_p
         cost = (size + CHUNK_OVERHEAD_ROWS) * k
         if size <= most and (best is None or cost < best_cost):
             best, best_cost = Plan(chunk=size, num_chunks=k, align=row_align), cost
-    return dataclasses.replace(best, unroll=unroll and best.num_chunks <= UNROLL_MAX_CHUNKS)
+    return best
 
 
 DC_MODES = ("sampled", "per_chunk", "sparse", "dense")
@@ -437,12 +430,11 @@ def _gradients(e, c, bias, targets, coeffs: LossCoefficients, *, spec: LogitSpec
             if plan.num_chunks == 1:
                 return carry, jax.tree.map(lambda x: x[None], stats0)
             carry, stats = lax.scan(functools.partial(step, dc_mode=dc_mode), carry,
-                                    jnp.arange(1, plan.num_chunks), unroll=plan.unroll)
+                                    jnp.arange(1, plan.num_chunks))
             return carry, jax.tree.map(lambda x0, x: jnp.concatenate([x0[None], x]), stats0, stats)
         dc0 = vary(jnp.zeros(c.shape, dc_dtype)) if need_dc else None
         db0 = vary(jnp.zeros((spec.vocab_size(c),), jnp.float32)) if need_db else None
-        return lax.scan(functools.partial(step, dc_mode=dc_mode), (de0, dc0, db0), jnp.arange(plan.num_chunks),
-                        unroll=plan.unroll)
+        return lax.scan(functools.partial(step, dc_mode=dc_mode), (de0, dc0, db0), jnp.arange(plan.num_chunks))
 
     if sparse is None or not (sparse.filter_c and need_dc):
         (de, dc, db), stats = scan(None)

@@ -204,29 +204,6 @@ def test_plan_starts():
     assert not three_pass_lib.Plan(chunk=32, num_chunks=1, align=16).overlaps(16)  # N below one chunk: padded
 
 
-def test_unrolled_scan(rng):
-    """Plan.unroll (compiled kernels, at most UNROLL_MAX_CHUNKS chunks) unrolls the scan over chunks and changes
-    nothing else: stats and gradients of every option equal the rolled scan's."""
-    assert three_pass_lib.make_plan(64, 8, 32, jnp.float32, budget_bytes=1, row_align=16, unroll=True).unroll
-    many = three_pass_lib.UNROLL_MAX_CHUNKS + 1
-    assert not three_pass_lib.make_plan(16 * many, 8, 32, jnp.float32, budget_bytes=1, row_align=16,
-                                        unroll=True).unroll
-    assert not three_pass_lib.make_plan(64, 8, 32, jnp.float32, budget_bytes=1, row_align=16).unroll
-    inputs = _inputs(rng, bias=True, weights=True, logit_scale=2.0)
-    n = int(np.prod(BATCH))
-    e, t = inputs.e.reshape(n, D), inputs.targets.reshape(n)
-    t = jnp.where(t == inputs.ignore_index, -1, t)
-    w = inputs.weights.reshape(n) * (t >= 0)
-    coeffs = LossCoefficients(w / w.sum(), -w / w.sum(), jnp.zeros((n,)), 0.01 * w)
-    spec = LogitSpec(softcap=3.0)
-    logits = three_pass_lib.XlaLogits(spec)
-    outs = [three_pass_lib.gradients(e, inputs.c, inputs.bias, t, coeffs, spec=spec, logits=logits,
-                                     plan=three_pass_lib.Plan(chunk=8, num_chunks=-(-n // 8), align=8, unroll=u),
-                                     need=(True, True, True), accum_c_fp32=False) for u in (False, True)]
-    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
-
-
 @pytest.mark.parametrize(
     "reduction,impl",
     [pytest.param("mean", XLA, id="mean-xla"), pytest.param("sum", KERNELS, id="sum-kernels")],
