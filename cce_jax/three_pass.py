@@ -22,7 +22,11 @@ walks the tokens in chunks (a ``lax.scan``) and, for each chunk,
 3. computes the chunk's dE rows ``G c`` (matmul 2) and adds ``G^T e_chunk`` into dC (matmul 3), with dense
    XLA products (dC's added in place by the GEMM) or, for sides that may filter, block-sparse kernels that
    skip tiles whose every ``|p - onehot|`` is below ``filter_eps`` (known from the statistics before G is
-   formed); :class:`SparseProducts` says how each side chooses.
+   formed); :class:`SparseProducts` says how each side chooses. Where dC's product is dense the first chunk
+   runs before the scan and writes dC (no zero-filled dC to initialise and re-read).
+
+With ``SparseProducts.sort_vocab`` the whole walk runs over the vocabulary in :func:`vocab_order` (classifier
+gathered once, dC gathered back), so that probable entries share tiles and more tiles are skipped.
 
 No logit is computed twice, and the temporary memory is one chunk of logits, overwritten by its gradient
 (``Plan``; 45% of the gradients' bytes at the gemma2 and llama3 shapes on an H200). The backward rule
