@@ -2,9 +2,12 @@
 
     python -m cce_jax.autotune --n 8192 --d 2304 --v 256000 --dtype bf16
 
-Forward candidates are timed on the forward kernel alone; backward candidates on ``value_and_grad`` with the
-best forward, with filtering on (preset "cce") and off ("cce_exact"). Results go to stdout and, with
-``--json``, to a file. ``--save TABLE`` adds the best entry to a tuning table that the kernels read when the
+Triton (``--kernels triton`` or ``all``): forward candidates are timed on the forward kernel alone; backward
+candidates (the recompute path's kernels) on ``value_and_grad`` with the best forward, with filtering on
+(preset "cce") and off ("cce_exact"). Mosaic GPU (``--kernels mosaic`` or ``all``, Hopper GPUs and 16-bit
+inputs only): forward candidates on the loss alone, then logits-chunk candidates of the three-pass path on
+``value_and_grad`` of preset "cce" with the best Mosaic forward, both on the benchmark's LM-like data (a
+candidate that falls back to another kernel is skipped). Results go to stdout and, with ``--json``, to a file. ``--save TABLE`` adds the best entry to a tuning table that the kernels read when the
 environment variable ``CCE_JAX_TUNING_FILE`` names it (or paste it into ``cce_jax.cce.TUNED``).
 
 It times GPU kernels: without a GPU it stops with exit status 2, unless a shape (``--n``, ``--d``, ``--v``) or
@@ -25,9 +28,11 @@ import jax
 import jax.numpy as jnp
 
 import cce_jax
+from cce_jax import cce as cce_lib
 from cce_jax.cce import KernelConfig, shape_class
 from pallas_kernels.backward import BackwardConfig
 from pallas_kernels.lse_forward import ForwardConfig
+from pallas_kernels.mosaic_forward import MosaicForwardConfig
 
 FORWARD_CANDIDATES = [
     ForwardConfig(bn, bv, bd, w, s)
@@ -44,6 +49,21 @@ BACKWARD_CANDIDATES = [
         (128, 128, 64, 128, 128, 8, 4, 8, 3), (64, 128, 64, 128, 128, 4, 4, 4, 3),
     ]
 ]
+
+# (block_n, block_v, block_d, stages, v_splits), two compute warpgroups.
+MOSAIC_FORWARD_CANDIDATES = [
+    MosaicForwardConfig(block_n=bn, block_v=bv, block_d=bd, stages=st, compute_wgs=2, v_splits=vs)
+    for (bn, bv, bd, st, vs) in [
+        (128, 128, 64, 4, 2), (128, 128, 64, 4, 1), (128, 128, 64, 4, 4), (128, 128, 64, 3, 2), (128, 128, 32, 6, 2),
+    ]
+]
+# (block_d, stages, async_wgmma) of 128 x 128 tiles with two compute warpgroups (the three-pass product tiles
+# subdivide block_v); v_splits is chosen per chunk.
+MOSAIC_CHUNK_CANDIDATES = [
+    MosaicForwardConfig(block_n=128, block_v=128, block_d=bd, stages=st, compute_wgs=2, async_wgmma=aw)
+    for (bd, st, aw) in [(64, 3, False), (32, 6, False), (32, 6, True), (64, 2, False)]
+]
+KERNEL_FAMILIES = ("all", "triton", "mosaic")
 
 
 def median_ms(fn, *args, iters: int = 10) -> float:
@@ -65,9 +85,72 @@ def _data(n, d, v, dtype, seed=0):
     return e, c, t
 
 
-def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print) -> dict:
-    e, c, t = _data(n, d, v, dtype)
+def _mosaic_eligible(dtype) -> bool:
+    return cce_lib._on_hopper() and jnp.dtype(dtype).itemsize == 2  # noqa: SLF001
+
+
+def tune_mosaic(n: int, d: int, v: int, dtype, base: KernelConfig, iters: int = 5, log=print) -> dict:
+    """Times the Mosaic GPU candidates (see the module docstring) on LM-like data; returns
+    ``{"mosaic": [...], "mosaic_chunk": [...], "best": KernelConfig or None}``."""
+    from cce_jax import bench_data  # noqa: PLC0415
+
+    data = bench_data.make_data("lm", n, d, v, {jnp.bfloat16: "bf16", jnp.float16: "fp16"}[jnp.dtype(dtype).type],
+                                seed=0)
+    e, c, t = data.e, data.c, data.targets
+    out = {"mosaic": [], "mosaic_chunk": []}
+
+    def timed(kind, cfg, grad, marker):
+        def loss(e, c):
+            return cce_jax.linear_cross_entropy(e, c, t, impl=cfg)
+        fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)) if grad else loss)
+        try:
+            if marker not in fn.lower(e, c).as_text():
+                log(f"mosaic {kind} {getattr(cfg, kind)}: skipped (runs another kernel)")
+                return None
+            return median_ms(fn, e, c, iters=iters)
+        except Exception as err:  # a candidate that does not compile (e.g. out of shared memory) is skipped
+            log(f"mosaic {kind} {getattr(cfg, kind)}: failed ({type(err).__name__}: {str(err)[:120]})")
+            return None
+
+    best = dataclasses.replace(base, forward_backend="mosaic")
+    for kind, candidates, grad, marker in (("mosaic", MOSAIC_FORWARD_CANDIDATES, False, "cce_lse_forward_mosaic"),
+                                           ("mosaic_chunk", MOSAIC_CHUNK_CANDIDATES, True, "cce_logits_chunk_mosaic")):
+        best_ms = float("inf")
+        winner = None
+        for cand in candidates:
+            cfg = dataclasses.replace(best, **{kind: cand})
+            ms = timed(kind, cfg, grad, marker)
+            if ms is None:
+                continue
+            out[kind].append({"config": dataclasses.asdict(cand), "ms": ms})
+            log(f"mosaic {'fw' if kind == 'mosaic' else 'fw-bw'} {cand}: {ms:.2f} ms")
+            if ms < best_ms:
+                winner, best_ms = cand, ms
+        if winner is None:
+            out["best"] = None
+            return out
+        best = dataclasses.replace(best, **{kind: winner})
+    out["best"] = dataclasses.replace(best, forward_backend=base.forward_backend)
+    return out
+
+
+def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print, kernels: str = "all") -> dict:
+    if kernels not in KERNEL_FAMILIES:
+        raise ValueError(f"kernels must be one of {KERNEL_FAMILIES}, got {kernels!r}")
     results = {"forward": [], "backward": []}
+    base = cce_lib.default_config(d, dtype)
+    if kernels != "triton":
+        if _mosaic_eligible(dtype):
+            mosaic = tune_mosaic(n, d, v, dtype, base, iters=iters, log=log)
+            results.update(mosaic=mosaic["mosaic"], mosaic_chunk=mosaic["mosaic_chunk"])
+            if mosaic["best"] is not None:
+                base = dataclasses.replace(base, mosaic=mosaic["best"].mosaic,
+                                           mosaic_chunk=mosaic["best"].mosaic_chunk)
+        else:
+            log("mosaic: skipped (needs a Hopper GPU and bf16 / fp16 inputs)")
+    if kernels == "mosaic":
+        return _finish(results, d, dtype, base, base.forward, float("nan"), {})
+    e, c, t = _data(n, d, v, dtype)
 
     def loss_fn(impl):
         return jax.jit(lambda e, c: cce_jax.linear_cross_entropy(e, c, t, impl=impl))
@@ -75,7 +158,7 @@ def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print) -> dict:
     best_fw, best_ms = None, float("inf")
     for fw in FORWARD_CANDIDATES:
         try:
-            ms = median_ms(loss_fn(KernelConfig(forward=fw)), e, c, iters=iters)
+            ms = median_ms(loss_fn(dataclasses.replace(base, forward=fw, forward_backend="triton")), e, c, iters=iters)
         except Exception as err:  # a candidate that does not compile (e.g. out of shared memory) is skipped
             log(f"forward {fw}: failed ({type(err).__name__}: {str(err)[:120]})")
             continue
@@ -88,7 +171,7 @@ def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print) -> dict:
     for preset in ("cce", "cce_exact"):
         best = (None, float("inf"))
         for bw in BACKWARD_CANDIDATES:
-            cfg = KernelConfig(forward=best_fw, backward=bw)
+            cfg = dataclasses.replace(base, forward=best_fw, backward=bw, forward_backend="triton")
             exact = preset == "cce_exact"
             fn = jax.jit(jax.value_and_grad(
                 lambda e, c, cfg=cfg, exact=exact: cce_jax.linear_cross_entropy(
@@ -105,17 +188,28 @@ def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print) -> dict:
             if ms < best[1]:
                 best = (bw, ms)
         best_bw[preset] = best
-    results["entry"] = None if best_fw is None or best_bw["cce"][0] is None else {
-        "device_kind": jax.devices()[0].device_kind,
-        "shape_class": shape_class(d, dtype),
-        "config": {"forward": dataclasses.asdict(best_fw), "backward": dataclasses.asdict(best_bw["cce"][0])},
-    }
+    if best_fw is None or best_bw["cce"][0] is None:
+        results["best"], results["entry"] = None, None
+        return results
+    return _finish(results, d, dtype, dataclasses.replace(base, forward=best_fw, backward=best_bw["cce"][0]),
+                   best_fw, best_ms, best_bw)
+
+
+def _finish(results: dict, d: int, dtype, config: KernelConfig, best_fw, best_ms: float, best_bw: dict) -> dict:
+    """Adds the tuning-table entry (``config``'s block configs) and a summary of the winners to ``results``."""
+    key = {"device_kind": jax.devices()[0].device_kind, "shape_class": shape_class(d, dtype)}
+    blocks = {name: dataclasses.asdict(getattr(config, name))
+              for name in ("forward", "backward", "mosaic", "mosaic_chunk")}
+    results["entry"] = {**key, "config": blocks}
     results["best"] = {
-        "device_kind": jax.devices()[0].device_kind,
-        "shape_class": shape_class(d, dtype),
+        **key,
         "forward": dataclasses.asdict(best_fw) if best_fw else None,
         "forward_ms": best_ms,
         "backward": {k: (dataclasses.asdict(b) if b else None, ms) for k, (b, ms) in best_bw.items()},
+        "mosaic": blocks["mosaic"] if results.get("mosaic") else None,
+        "mosaic_ms": min((r["ms"] for r in results.get("mosaic", [])), default=None),
+        "mosaic_chunk": blocks["mosaic_chunk"] if results.get("mosaic_chunk") else None,
+        "mosaic_chunk_ms": min((r["ms"] for r in results.get("mosaic_chunk", [])), default=None),
     }
     return results
 
@@ -206,6 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="dtype of the hidden states and the classifier")
     parser.add_argument("--iters", type=int, default=5, help="timed calls per candidate (the median is kept)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write every measurement to this file")
+    parser.add_argument("--kernels", default="all", choices=list(KERNEL_FAMILIES),
+                        help="which kernels' candidates to time (mosaic: Hopper GPUs, bf16 / fp16)")
     parser.add_argument("--per-kernel", action="store_true",
                         help="time each kernel of the default config (and the XLA baseline) instead of tuning")
     parser.add_argument("--save", default=None, metavar="TABLE",
@@ -245,7 +341,8 @@ def main(argv=None) -> None:
             with open(args.json, "w") as f:
                 json.dump(rows, f, indent=1)
         return
-    results = tune(args.n, args.d, args.v, dtype, args.iters, log=lambda s: print(s, file=sys.stderr, flush=True))
+    results = tune(args.n, args.d, args.v, dtype, args.iters, log=lambda s: print(s, file=sys.stderr, flush=True),
+                   kernels=args.kernels)
     print(json.dumps(results["best"], indent=1))
     if args.save and results["entry"] is not None:
         save_entry(args.save, results["entry"])

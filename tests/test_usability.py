@@ -230,11 +230,29 @@ def test_autotune_without_gpu_stops(capsys):
 
 def test_autotune_runs_off_gpu_with_a_shape_or_interpret(monkeypatch):
     calls = []
-    monkeypatch.setattr(autotune, "tune", lambda n, d, v, dtype, iters, log: calls.append((n, d, v)) or {
-        "best": {}, "entry": None})
+    monkeypatch.setattr(autotune, "tune", lambda n, d, v, dtype, iters, log, kernels: calls.append(
+        (n, d, v, kernels)) or {"best": {}, "entry": None})
     autotune.main(["--n", "64", "--d", "32", "--v", "100"])
-    autotune.main(["--interpret"])
-    assert calls == [(64, 32, 100), (8192, 2304, 256000)]
+    autotune.main(["--interpret", "--kernels", "mosaic"])
+    assert calls == [(64, 32, 100, "all"), (8192, 2304, 256000, "mosaic")]
+
+
+def test_autotune_mosaic_off_hopper_keeps_the_table_config(tmp_path):
+    """--kernels mosaic without a Hopper GPU times nothing, says so, and its table entry is the current config
+    (every block config, Mosaic ones included), which the tuning-file reader turns back into that config."""
+    from cce_jax import cce
+
+    logged = []
+    results = autotune.tune(64, 32, 100, jnp.bfloat16, iters=1, log=logged.append, kernels="mosaic")
+    assert any("mosaic: skipped" in line for line in logged), logged
+    entry = results["entry"]
+    assert set(entry["config"]) == {"forward", "backward", "mosaic", "mosaic_chunk"}
+    path = tmp_path / "table.json"
+    autotune.save_entry(str(path), entry)
+    assert cce._tuning_file(str(path))[(entry["device_kind"], entry["shape_class"])] == cce.default_config(
+        32, jnp.bfloat16)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        autotune.tune(64, 32, 100, jnp.bfloat16, kernels="cuda")
 
 
 def test_autotune_help_documents_every_flag(capsys):
@@ -243,7 +261,7 @@ def test_autotune_help_documents_every_flag(capsys):
     out = capsys.readouterr().out
     for flag, default in [("--n", "8192"), ("--d", "2304"), ("--v", "256000"), ("--dtype", "bf16"),
                           ("--iters", "5"), ("--json", "None"), ("--per-kernel", "False"), ("--save", "None"),
-                          ("--interpret", "False")]:
+                          ("--interpret", "False"), ("--kernels", "all")]:
         line = out[out.index(f"  {flag} "):]
         assert f"(default: {default})" in " ".join(line.split("\n  -")[0].split()), (flag, line[:200])
 
