@@ -73,7 +73,9 @@ class KernelConfig:
         (benchmarks/results.md), so it only pays where sorting leaves whole tiles dead.
       forward_backend: ``"auto"`` (the Mosaic GPU forward on Hopper GPUs where it applies, see
         :func:`use_mosaic_forward`; the Triton forward elsewhere), ``"triton"`` or ``"mosaic"``.
-      mosaic: tiles of the Mosaic GPU forward (measured fastest of the candidates on an H200, 2026-12-01).
+      mosaic: tiles of the Mosaic GPU forward (the fastest of ``python -m cce_jax.autotune --kernels mosaic``'s
+        candidates on an H200 at the gemma2 and the llama3 shape, 2026-12-02: 3 stages, 13.22 / 11.67 ms
+        against 14.62 / 12.47 with 4; benchmarks/runs/2026-12-02-h200-autotune-mosaic-*.json).
       mosaic_chunk: tiles of the Mosaic GPU logits-chunk kernel of the three-pass path (its tile stores take
         shared memory, hence fewer pipeline stages; ``v_splits`` is chosen per chunk).
     """
@@ -87,7 +89,7 @@ class KernelConfig:
     chunk_dc: str = "sampled"
     sort_vocab: bool = False
     forward_backend: str = "auto"
-    mosaic: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=4,
+    mosaic: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3,
                                                       compute_wgs=2, v_splits=2)
     mosaic_chunk: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3,
                                                             compute_wgs=2)
@@ -137,9 +139,6 @@ _HOPPER_LARGE_D = KernelConfig(
     forward=ForwardConfig(block_n=64, block_v=256, block_d=64, num_warps=4, num_stages=4),
     backward=BackwardConfig(block_n=64, block_v=128, block_d=64, block_dout=128, grad_warps=4, grad_stages=4,
                             product_warps=4, product_stages=3),
-    # ``python -m cce_jax.autotune --kernels mosaic`` at 8192 x 4096 x 128256 (2026-12-02): 11.67 ms against
-    # 12.47 for the 4-stage default (benchmarks/runs/2026-12-02-h200-autotune-mosaic-llama3.json).
-    mosaic=MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, v_splits=2),
 )
 TUNED: dict[tuple[str, str], KernelConfig] = {
     (gpu, cls): cfg

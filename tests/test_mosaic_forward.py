@@ -178,7 +178,7 @@ LOWER_CASES = [
     (1030, 1008, 50264, "vd", True, 30.0, True, CFG),
     (1030, 1008, 50272, "dv", True, 30.0, True, CFG),
     (8192, 2304, 256000, "vd", False, None, True,
-     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, v_splits=2)),
+     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, v_splits=2)),
     (8192, 4096, 128256, "vd", False, None, False,
      mf.MosaicForwardConfig(block_n=64, block_v=256, block_d=64, stages=3, compute_wgs=1)),
     (8192, 2304, 256000, "dv", True, 30.0, True,
