@@ -358,7 +358,7 @@ def vocab_order(e, c, bias, targets, coeffs: LossCoefficients, *, logits, sparse
     bn = max(sparse.config.block_n, logits.rows)
     e_s, t_s, coeffs_s = _sampled_rows(e, targets, coeffs, bn, "middle")
     x, m, lse, _, _ = logits(e_s, t_s, c, bias)
-    active = functools.reduce(jnp.logical_or, (x != 0 for x in coeffs_s))
+    active = functools.reduce(jnp.logical_or, (w != 0 for w in coeffs_s))
     score = jnp.where(active[:, None], logits.log_probs(x, m, lse), -jnp.inf).max(axis=0)
     return jnp.argsort(-score[:logits.spec.vocab_size(c)], stable=True).astype(jnp.int32)
 
