@@ -7,8 +7,9 @@ candidates (the recompute path's kernels) on ``value_and_grad`` with the best fo
 (preset "cce") and off ("cce_exact"). Mosaic GPU (``--kernels mosaic`` or ``all``, Hopper GPUs and 16-bit
 inputs only): forward candidates on the loss alone, then logits-chunk candidates of the three-pass path on
 ``value_and_grad`` of preset "cce" with the best Mosaic forward, both on the benchmark's LM-like data (a
-candidate that falls back to another kernel is skipped). Results go to stdout and, with ``--json``, to a file. ``--save TABLE`` adds the best entry to a tuning table that the kernels read when the
-environment variable ``CCE_JAX_TUNING_FILE`` names it (or paste it into ``cce_jax.cce.TUNED``).
+candidate that falls back to another kernel is skipped). Results go to stdout and, with ``--json``, to a file.
+``--save TABLE`` adds the best entry to a tuning table that the kernels read when the environment variable
+``CCE_JAX_TUNING_FILE`` names it (or paste it into ``cce_jax.cce.TUNED``).
 
 It times GPU kernels: without a GPU it stops with exit status 2, unless a shape (``--n``, ``--d``, ``--v``) or
 ``--interpret`` is given; it then runs the kernels in Pallas interpret mode, which only checks that they run
@@ -94,8 +95,8 @@ def tune_mosaic(n: int, d: int, v: int, dtype, base: KernelConfig, iters: int = 
     ``{"mosaic": [...], "mosaic_chunk": [...], "best": KernelConfig or None}``."""
     from cce_jax import bench_data  # noqa: PLC0415
 
-    data = bench_data.make_data("lm", n, d, v, {jnp.bfloat16: "bf16", jnp.float16: "fp16"}[jnp.dtype(dtype).type],
-                                seed=0)
+    name = next(k for k, x in bench_data.DTYPES.items() if jnp.dtype(x) == jnp.dtype(dtype))
+    data = bench_data.make_data("lm", n, d, v, name, seed=0)
     e, c, t = data.e, data.c, data.targets
     out = {"mosaic": [], "mosaic_chunk": []}
 

@@ -165,18 +165,17 @@ def baseline_f32_loss(e: jax.Array, c: jax.Array, targets: jax.Array) -> jax.Arr
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-# Name -> implementation; ``--impl`` accepts exactly these names.
-IMPL_REGISTRY: dict[str, Impl] = {name: _library_impl(name) for name in IMPLS if name.startswith(("cce", "xla", "dense"))}
-IMPL_REGISTRY["baseline"] = Impl(baseline_loss, half_logits=True)
-
-
 def _sorted_loss(e, c, targets):
+    """impl="cce" walking the vocabulary in sampled-probability order (``KernelConfig.sort_vocab``)."""
     config = dataclasses.replace(cce_lib.default_config(e.shape[1], e.dtype), sort_vocab=True)
     return api.linear_cross_entropy(e, c, targets, impl=config)
 
 
-# impl="cce" walking the vocabulary in sampled-probability order (KernelConfig.sort_vocab).
+# Name -> implementation; ``--impl`` accepts exactly these names.
+IMPL_REGISTRY: dict[str, Impl] = {name: _library_impl(name) for name in IMPLS
+                                  if name.startswith(("cce", "xla", "dense")) and name != "cce_sorted"}
 IMPL_REGISTRY["cce_sorted"] = dataclasses.replace(IMPL_REGISTRY["cce"], loss=_sorted_loss)
+IMPL_REGISTRY["baseline"] = Impl(baseline_loss, half_logits=True)
 IMPL_REGISTRY["baseline_f32"] = Impl(baseline_f32_loss)
 
 

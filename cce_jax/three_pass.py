@@ -295,7 +295,7 @@ def _chunk_dc(g, e_k, dc, db, col_sum, live, *, v, spec, sparse, mode, dc_dtype=
         # The product in dC's own dtype, added to dC: XLA runs ``dc + g^T e`` as one GEMM that reads and writes
         # dC in place (beta = 1, float32 arithmetic, one rounding). A float32 product added to a half dC made
         # XLA keep a float32 (V, D) temporary: 2.3 GB and ~0.8 ms per chunk at the gemma2 shape on an H200.
-        dtype = dc_dtype or dc.dtype
+        dtype = dc.dtype if dc_dtype is None else dc_dtype
         update = (_dot(g[:, :v], e_k, 0, 0, dtype) if spec.layout == "vd" else
                   _dot(e_k, g[:, :v], 0, 0, dtype))
         if dc_dtype is not None:
@@ -341,13 +341,20 @@ def _sampled_rows(e, targets, coeffs: LossCoefficients, rows: int, block: str):
     return take(e, 0), take(targets, -1), LossCoefficients(*(take(x.astype(jnp.float32), 0.0) for x in coeffs))
 
 
+def _sampled_logits(e, c, bias, targets, coeffs: LossCoefficients, *, logits, sparse: SparseProducts, block: str):
+    """One logits pass over a ``block_n``-row block of tokens (see :func:`_sampled_rows`):
+    ``(x, m, lse, targets, coeffs)`` of the block."""
+    e_s, t_s, coeffs_s = _sampled_rows(e, targets, coeffs, max(sparse.config.block_n, logits.rows), block)
+    x, m, lse, _, _ = logits(e_s, t_s, c, bias)
+    return x, m, lse, t_s, coeffs_s
+
+
 def sampled_live_fraction(e, c, bias, targets, coeffs: LossCoefficients, *, logits, sparse: SparseProducts,
                           block: str = "middle"):
     """Live-tile fraction of one ``block_n``-row block of tokens (see :func:`_sampled_rows`), from one logits
     pass over those rows."""
-    bn = max(sparse.config.block_n, logits.rows)
-    e_s, t_s, coeffs_s = _sampled_rows(e, targets, coeffs, bn, block)
-    x, m, lse, _, _ = logits(e_s, t_s, c, bias)
+    x, m, lse, t_s, coeffs_s = _sampled_logits(e, c, bias, targets, coeffs, logits=logits, sparse=sparse,
+                                               block=block)
     return _live_fraction(_live_tiles(m, lse, t_s, coeffs_s, x.shape[1] // m.shape[1], sparse))
 
 
@@ -355,9 +362,8 @@ def vocab_order(e, c, bias, targets, coeffs: LossCoefficients, *, logits, sparse
     """int32 (V,): the vocabulary ordered by each entry's largest probability over the middle ``block_n`` rows
     of tokens that carry a gradient (one logits pass over them), most probable first; ties (entries no sampled
     token makes probable) keep their natural order, so the order is deterministic."""
-    bn = max(sparse.config.block_n, logits.rows)
-    e_s, t_s, coeffs_s = _sampled_rows(e, targets, coeffs, bn, "middle")
-    x, m, lse, _, _ = logits(e_s, t_s, c, bias)
+    x, m, lse, _, coeffs_s = _sampled_logits(e, c, bias, targets, coeffs, logits=logits, sparse=sparse,
+                                             block="middle")
     active = functools.reduce(jnp.logical_or, (w != 0 for w in coeffs_s))
     score = jnp.where(active[:, None], logits.log_probs(x, m, lse), -jnp.inf).max(axis=0)
     return jnp.argsort(-score[:logits.spec.vocab_size(c)], stable=True).astype(jnp.int32)

@@ -590,7 +590,8 @@ def test_sorted_vocabulary_clusters_live_tiles(rng, layout):
 
 @pytest.mark.parametrize(
     "chunk_dc,dtype",
-    [pytest.param("sparse", jnp.float32, id="sparse-fp32"), pytest.param("sampled", jnp.bfloat16, id="sampled-bf16")],
+    [pytest.param("sparse", jnp.float32, id="sparse-fp32"), pytest.param("dense", jnp.float32, id="dense-fp32"),
+     pytest.param("sampled", jnp.bfloat16, id="sampled-bf16")],
 )
 def test_sorted_vocabulary_is_exact(rng, chunk_dc, dtype):
     """With a filter eps no entry falls below, walking the sorted vocabulary changes nothing but summation order:
