@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
-"""Where the time of one compiled fw-bw call goes, kernel by kernel, on the GPU.
+"""Where the time of one compiled fw-bw (or fw) call goes, kernel by kernel, on the GPU.
 
-For each (shape, data recipe, variant) it compiles ``jax.value_and_grad`` of the mean loss w.r.t. (e, c),
+For each (shape, data recipe, variant) it compiles ``jax.value_and_grad`` of the mean loss w.r.t. (e, c)
+(``--kind fw``: the loss alone),
 warms it up, times ``--iters`` calls by wall clock, then records ``--trace-calls`` calls under
 ``jax.profiler.trace`` (CUPTI; kernels run as they do outside the profiler, concurrently where XLA lets them) and
 sums the GPU kernels' durations per call by kernel name and by the XLA op that launched them. The GPU's busy
@@ -11,7 +12,7 @@ time against the wall span shows how much of a call is idle (launch gaps, host w
 
 Variants: ``baseline`` (dense XLA + optax), ``cce``, ``cce_exact``, ``xla``, ``budget=xK`` (``cce`` with K times
 the default memory budget), ``chunk=T`` (``cce`` with T-token chunks), ``sort`` (``cce`` with
-``KernelConfig.sort_vocab``).
+``KernelConfig.sort_vocab``), ``de=triton`` (``cce`` with the Triton block-sparse dE product).
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ def loss_fn(variant: str, d: int, grad_bytes: int):
                                                  * grad_bytes))
     elif variant == "sort":
         kw = dict(impl=dataclasses.replace(cce.default_config(d, jnp.bfloat16), sort_vocab=True))
+    elif variant == "de=triton":
+        kw = dict(impl=dataclasses.replace(cce.default_config(d, jnp.bfloat16), sparse_de_backend="triton"))
     elif variant.startswith("chunk="):
         kw = dict(impl=dataclasses.replace(cce.default_config(d, jnp.bfloat16), chunk_tokens=int(variant[6:])))
     else:
@@ -117,6 +120,7 @@ def main(argv=None):
     p.add_argument("--shape", default="gemma2")
     p.add_argument("--data", default="lm")
     p.add_argument("--variant", default="cce,baseline")
+    p.add_argument("--kind", default="fw-bw", choices=("fw-bw", "fw"))
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--trace-calls", type=int, default=2)
     p.add_argument("--json", default=None)
@@ -129,9 +133,10 @@ def main(argv=None):
             data = benchmark.make_data(recipe, n, d, v, "bf16", seed=0)
             ops = (data.e, data.c, data.targets)
             for variant in args.variant.split(","):
-                row = dict(shape=shape, data=recipe, variant=variant)
+                row = dict(shape=shape, data=recipe, variant=variant, kind=args.kind)
                 try:
-                    fn = jax.jit(jax.value_and_grad(loss_fn(variant, d, grad_bytes), argnums=(0, 1)))
+                    loss = loss_fn(variant, d, grad_bytes)
+                    fn = jax.jit(loss if args.kind == "fw" else jax.value_and_grad(loss, argnums=(0, 1)))
                     fn = fn.lower(*ops).compile()
                     row["temp_mb"] = fn.memory_analysis().temp_size_in_bytes / 2**20
                     jax.block_until_ready(fn(*ops))

@@ -62,8 +62,12 @@ MOSAIC_CFGS = {
     "n128-v128x2-s4-split2": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, v_splits=2),
     "n128-v128x2-s4": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2),
     "n128-v128x1-s4-split2": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=1, v_splits=2),
+    # The default since 5f9eb74.
+    "default": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, v_splits=2),
 }
-CHECK_CFGS = ["n64-v128x2-s4", "n64-v256x1-s4", "n128-v128x2-s4-split2"]
+# Timed with a debug mode: (config, debug). "matmul_only" leaves out the epilogue but the row max (its cost).
+DEBUG_TIMINGS = {"default-matmul-only": ("default", "matmul_only")}
+CHECK_CFGS = ["n64-v128x2-s4", "n64-v256x1-s4", "n128-v128x2-s4-split2", "default"]
 CHECK_SHAPE = (1030, 1008, {"vd": 50264, "dv": 50272})
 TINY_SHAPE = (128, 64, 512)
 # Tiny-shape configs: n128-v128x2 has one row block, n64-v256x2 one vocabulary tile (W = 512 = V).
@@ -228,7 +232,7 @@ def correctness(log, budget_s: float = 120.0):
     # 2) The ragged check shape (as in the first run).
     for layout, v in vs.items():
         for has_bias, cap, need_sum in ((False, None, False), (True, 30.0, True), (False, 5.0, True)):
-            for name in CHECK_CFGS if (has_bias and layout == "vd") else CHECK_CFGS[:1]:
+            for name in CHECK_CFGS if (has_bias and layout == "vd") else [CHECK_CFGS[0], "default"]:
                 out.append(check_case(layout, n, d, v, has_bias, cap, need_sum, name, label="ragged",
                                       diagnose=time.time() - t0 < budget_s, log=log))
     # 3) Confirmation of the diagnosis: N a multiple of block_n, and the pre-fix (N,) output store.
@@ -266,9 +270,10 @@ def timing(shapes, iters, cfg_names, log):
                    ("triton fw " + "x".join(map(str, (TRITON_CFG.block_n, TRITON_CFG.block_v, TRITON_CFG.block_d,
                                                        TRITON_CFG.num_warps, TRITON_CFG.num_stages))), triton_fw)]
         for name in cfg_names:
-            cfg = MOSAIC_CFGS[name]
-            entries.append((f"mosaic {name}", lambda e, c, t, cfg=cfg: lse_forward_mosaic(
-                e, c, None, t, p=p, cfg=cfg, need_sum=False, interpret=INTERPRET)))
+            cfg, debug = (MOSAIC_CFGS[DEBUG_TIMINGS[name][0]], DEBUG_TIMINGS[name][1]) if name in DEBUG_TIMINGS \
+                else (MOSAIC_CFGS[name], None)
+            entries.append((f"mosaic {name}", lambda e, c, t, cfg=cfg, debug=debug: lse_forward_mosaic(
+                e, c, None, t, p=p, cfg=cfg, need_sum=False, interpret=INTERPRET, debug=debug)))
         xla_ms = None
         for label, fn in entries:
             row = dict(shape=shape_name, impl=label)

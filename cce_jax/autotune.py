@@ -7,7 +7,9 @@ candidates (the recompute path's kernels) on ``value_and_grad`` with the best fo
 (preset "cce") and off ("cce_exact"). Mosaic GPU (``--kernels mosaic`` or ``all``, Hopper GPUs and 16-bit
 inputs only): forward candidates on the loss alone, then logits-chunk candidates of the three-pass path on
 ``value_and_grad`` of preset "cce" with the best Mosaic forward, both on the benchmark's LM-like data (a
-candidate that falls back to another kernel is skipped). Results go to stdout and, with ``--json``, to a file.
+candidate that falls back to another kernel is skipped), then block-sparse dE candidates on the kernel alone
+(one token chunk of random gradients with ``SPARSE_DE_LIVE_FRACTION`` of the tiles live: LM-like data keeps
+every tile live, so the three-pass path would not run the sparse product there). Results go to stdout and, with ``--json``, to a file.
 ``--save TABLE`` adds the best entry to a tuning table that the kernels read when the environment variable
 ``CCE_JAX_TUNING_FILE`` names it (or paste it into ``cce_jax.cce.TUNED``).
 
@@ -34,6 +36,7 @@ from cce_jax.cce import KernelConfig, shape_class
 from pallas_kernels.backward import BackwardConfig
 from pallas_kernels.lse_forward import ForwardConfig
 from pallas_kernels.mosaic_forward import MosaicForwardConfig
+from pallas_kernels.mosaic_sparse_de import MosaicSparseDeConfig
 
 FORWARD_CANDIDATES = [
     ForwardConfig(bn, bv, bd, w, s)
@@ -64,6 +67,12 @@ MOSAIC_CHUNK_CANDIDATES = [
     MosaicForwardConfig(block_n=128, block_v=128, block_d=bd, stages=st, compute_wgs=2, async_wgmma=aw)
     for (bd, st, aw) in [(64, 3, False), (32, 6, False), (32, 6, True), (64, 2, False)]
 ]
+# (block_out, stages, compute_wgs, block_k) of the Mosaic GPU block-sparse dE product (64-row blocks).
+MOSAIC_SPARSE_DE_CANDIDATES = [
+    MosaicSparseDeConfig(block_n=64, block_k=bk, block_out=bo, stages=st, compute_wgs=cw)
+    for (bo, st, cw, bk) in [(128, 3, 2, 64), (128, 2, 2, 64), (256, 3, 1, 64), (64, 4, 2, 64), (128, 5, 2, 32)]
+]
+SPARSE_DE_LIVE_FRACTION = 0.3  # random live tiles of the timed chunk
 KERNEL_FAMILIES = ("all", "triton", "mosaic")
 
 
@@ -131,8 +140,44 @@ def tune_mosaic(n: int, d: int, v: int, dtype, base: KernelConfig, iters: int = 
             out["best"] = None
             return out
         best = dataclasses.replace(best, **{kind: winner})
+    out["mosaic_sparse_de"] = []
+    best_ms, winner = float("inf"), None
+    for cand in MOSAIC_SPARSE_DE_CANDIDATES:
+        ms = time_sparse_de(n, d, v, dtype, cand, iters=iters, log=log)
+        if ms is None:
+            continue
+        out["mosaic_sparse_de"].append({"config": dataclasses.asdict(cand), "ms": ms})
+        log(f"mosaic sparse dE {cand}: {ms:.3f} ms")
+        if ms < best_ms:
+            winner, best_ms = cand, ms
+    if winner is not None:
+        best = dataclasses.replace(best, mosaic_sparse_de=winner)
     out["best"] = dataclasses.replace(best, forward_backend=base.forward_backend)
     return out
+
+
+def time_sparse_de(n: int, d: int, v: int, dtype, cfg: MosaicSparseDeConfig, iters: int = 5, log=print):
+    """Milliseconds of the Mosaic GPU block-sparse dE product on one token chunk (up to 1024 rows) of random
+    gradients with ``SPARSE_DE_LIVE_FRACTION`` of 64 x 128 tiles live, or None if the candidate cannot run."""
+    from pallas_kernels import mosaic_sparse_de as msd  # noqa: PLC0415
+
+    tile_v = 128
+    rows = max(cfg.block_n, min(n, 1024) // cfg.block_n * cfg.block_n)
+    tiles = -(-v // tile_v)
+    kg, kc, kl = jax.random.split(jax.random.key(1), 3)
+    g = (jax.random.normal(kg, (rows, tiles * tile_v), jnp.float32) * 1e-2).astype(dtype)
+    c = (jax.random.normal(kc, (v, d), jnp.float32) / d**0.5).astype(dtype)
+    live = (jax.random.uniform(kl, (rows // cfg.block_n, tiles)) < SPARSE_DE_LIVE_FRACTION).astype(jnp.int32)
+    lists = msd.live_lists(live)
+    if not msd.supports(g, c, lists, "vd", tile_v, cfg):
+        log(f"mosaic sparse dE {cfg}: skipped (its shape rules)")
+        return None
+    fn = jax.jit(lambda g, c, lists: msd.sparse_de_mosaic(g, lists, c, layout="vd", tile_v=tile_v, cfg=cfg))
+    try:
+        return median_ms(fn, g, c, lists, iters=iters)
+    except Exception as err:  # a candidate that does not compile is skipped
+        log(f"mosaic sparse dE {cfg}: failed ({type(err).__name__}: {str(err)[:120]})")
+        return None
 
 
 def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print, kernels: str = "all") -> dict:
@@ -143,10 +188,12 @@ def tune(n: int, d: int, v: int, dtype, iters: int = 5, log=print, kernels: str 
     if kernels != "triton":
         if _mosaic_eligible(dtype):
             mosaic = tune_mosaic(n, d, v, dtype, base, iters=iters, log=log)
-            results.update(mosaic=mosaic["mosaic"], mosaic_chunk=mosaic["mosaic_chunk"])
+            results.update(mosaic=mosaic["mosaic"], mosaic_chunk=mosaic["mosaic_chunk"],
+                           mosaic_sparse_de=mosaic.get("mosaic_sparse_de", []))
             if mosaic["best"] is not None:
                 base = dataclasses.replace(base, mosaic=mosaic["best"].mosaic,
-                                           mosaic_chunk=mosaic["best"].mosaic_chunk)
+                                           mosaic_chunk=mosaic["best"].mosaic_chunk,
+                                           mosaic_sparse_de=mosaic["best"].mosaic_sparse_de)
         else:
             log("mosaic: skipped (needs a Hopper GPU and bf16 / fp16 inputs)")
     if kernels == "mosaic":
@@ -200,7 +247,7 @@ def _finish(results: dict, d: int, dtype, config: KernelConfig, best_fw, best_ms
     """Adds the tuning-table entry (``config``'s block configs) and a summary of the winners to ``results``."""
     key = {"device_kind": jax.devices()[0].device_kind, "shape_class": shape_class(d, dtype)}
     blocks = {name: dataclasses.asdict(getattr(config, name))
-              for name in ("forward", "backward", "mosaic", "mosaic_chunk")}
+              for name in ("forward", "backward", "mosaic", "mosaic_chunk", "mosaic_sparse_de")}
     results["entry"] = {**key, "config": blocks}
     results["best"] = {
         **key,
@@ -211,6 +258,8 @@ def _finish(results: dict, d: int, dtype, config: KernelConfig, best_fw, best_ms
         "mosaic_ms": min((r["ms"] for r in results.get("mosaic", [])), default=None),
         "mosaic_chunk": blocks["mosaic_chunk"] if results.get("mosaic_chunk") else None,
         "mosaic_chunk_ms": min((r["ms"] for r in results.get("mosaic_chunk", [])), default=None),
+        "mosaic_sparse_de": blocks["mosaic_sparse_de"] if results.get("mosaic_sparse_de") else None,
+        "mosaic_sparse_de_ms": min((r["ms"] for r in results.get("mosaic_sparse_de", [])), default=None),
     }
     return results
 

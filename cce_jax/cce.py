@@ -40,6 +40,7 @@ from pallas_kernels import tiles
 from pallas_kernels.backward import BackwardConfig, accumulate_de, expand_live, live_lists, logit_grad, write_dc
 from pallas_kernels.lse_forward import ForwardConfig, lse_forward
 from pallas_kernels.mosaic_forward import MosaicForwardConfig
+from pallas_kernels.mosaic_sparse_de import MosaicSparseDeConfig
 from pallas_kernels.tiles import Problem
 
 
@@ -78,6 +79,12 @@ class KernelConfig:
         against 14.62 / 12.47 with 4; benchmarks/runs/2026-12-02-h200-autotune-mosaic-*.json).
       mosaic_chunk: tiles of the Mosaic GPU logits-chunk kernel of the three-pass path (its tile stores take
         shared memory, hence fewer pipeline stages; ``v_splits`` is chosen per chunk).
+      sparse_de_backend: the block-sparse dE product of the three-pass path (a chunk with few live tiles):
+        ``"auto"`` (the Mosaic GPU kernel :func:`pallas_kernels.mosaic_sparse_de.sparse_de_mosaic` where
+        :func:`use_mosaic_sparse_de` says so, the Triton one elsewhere), ``"triton"`` or ``"mosaic"`` (where its
+        shape rules hold; Triton otherwise).
+      mosaic_sparse_de: tiles of that Mosaic GPU kernel (its ``block_n`` must be ``backward.block_n``, the rows
+        of the filter flags).
     """
 
     forward: ForwardConfig = ForwardConfig()
@@ -93,12 +100,17 @@ class KernelConfig:
                                                       compute_wgs=2, v_splits=2)
     mosaic_chunk: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3,
                                                             compute_wgs=2)
+    sparse_de_backend: str = "auto"
+    mosaic_sparse_de: MosaicSparseDeConfig = MosaicSparseDeConfig()
 
     def __post_init__(self):
         if self.chunk_dc not in three_pass.DC_MODES:
             raise ValueError(f"KernelConfig.chunk_dc must be one of {three_pass.DC_MODES}, got {self.chunk_dc!r}")
         if not isinstance(self.sort_vocab, bool):
             raise TypeError(f"KernelConfig.sort_vocab must be a bool, got {self.sort_vocab!r}")
+        if self.sparse_de_backend not in ("auto", "triton", "mosaic"):
+            raise ValueError('KernelConfig.sparse_de_backend must be "auto", "triton" or "mosaic", got '
+                             f"{self.sparse_de_backend!r}")
         if self.forward_backend not in ("auto", "triton", "mosaic"):
             raise ValueError(
                 f'KernelConfig.forward_backend must be "auto", "triton" or "mosaic", got {self.forward_backend!r}'
@@ -166,7 +178,7 @@ TUNING_FILE_ENV = "CCE_JAX_TUNING_FILE"
 def config_from_dict(entry: dict) -> KernelConfig:
     """A :class:`KernelConfig` from its ``dataclasses.asdict`` form (nested configs as dicts)."""
     nested = {"forward": ForwardConfig, "backward": BackwardConfig, "mosaic": MosaicForwardConfig,
-              "mosaic_chunk": MosaicForwardConfig}
+              "mosaic_chunk": MosaicForwardConfig, "mosaic_sparse_de": MosaicSparseDeConfig}
     return KernelConfig(**{k: (nested[k](**v) if k in nested and isinstance(v, dict) else v)
                            for k, v in entry.items()})
 
@@ -275,6 +287,19 @@ def use_mosaic_logits(e, c, bias, p: Problem, config: KernelConfig, interpret: b
         mosaic_forward.check_supported(e, c, p, cfg, store=True)
         return True
     return _mosaic_eligible(e, c, bias, interpret) and mosaic_forward.supports(e, c, p, cfg, store=True)
+
+
+def use_mosaic_sparse_de(dtype, config: KernelConfig, interpret: bool) -> bool:
+    """Whether the three-pass path may run its block-sparse dE product on the Mosaic GPU kernel (then per chunk
+    where its shape rules hold, outside ``shard_map`` axes; :func:`cce_jax.three_pass._mosaic_de`).
+    ``"auto"``: compiled on a Hopper GPU, half-precision inputs, and the kernel's rows those of the filter
+    flags; ``"mosaic"``: the same without the device check (in interpret mode: the Mosaic GPU interpreter)."""
+    backend = config.sparse_de_backend
+    if backend == "triton" or config.mosaic_sparse_de.block_n != config.backward.block_n:
+        return False
+    if jnp.dtype(dtype).itemsize != 2:
+        return False
+    return backend == "mosaic" or (not interpret and _on_hopper())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -496,6 +521,7 @@ def training_impl(
             filter_eps=backward.filter_eps, filter_e=backward.filters_e, filter_c=backward.filters_c,
             dense_fraction=config.chunk_dense_fraction, config=config.backward, interpret=interpret,
             dc_mode=config.chunk_dc, sort_vocab=config.sort_vocab,
+            mosaic_de=config.mosaic_sparse_de if use_mosaic_sparse_de(dtype, config, interpret) else None,
         )
     logits = ChunkLogits(spec, config, interpret)
     plan = chunk_plan(n, d, v, dtype, logits, budget_bytes)

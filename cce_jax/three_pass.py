@@ -140,6 +140,10 @@ class SparseProducts:
     - ``"sparse"`` / ``"dense"``: always the block-sparse kernel (which leaves rows without live tiles
       untouched) / always XLA's dense product.
 
+    ``mosaic_de``: the tiles of the Mosaic GPU block-sparse dE product
+    (:func:`pallas_kernels.mosaic_sparse_de.sparse_de_mosaic`), used instead of the Triton one wherever its
+    shape rules hold; None: always Triton.
+
     ``sort_vocab``: walk the vocabulary in the order :func:`vocab_order` derives from one sampled row block
     (entries by their largest probability over the block, most probable first), so that the entries that carry
     probability share tiles and the others form whole dead tiles. The classifier (and bias) are gathered into
@@ -156,6 +160,7 @@ class SparseProducts:
     interpret: bool
     dc_mode: str = "sampled"
     sort_vocab: bool = False
+    mosaic_de: Any = None  # pallas_kernels.mosaic_sparse_de.MosaicSparseDeConfig: dE's sparse product on Mosaic GPU
 
     def __post_init__(self):
         if self.dc_mode not in DC_MODES:
@@ -276,15 +281,35 @@ def _chunk_de(g, c, de_rows, live, *, v, vaxis, spec, sparse):
     from pallas_kernels import backward as kernels  # noqa: PLC0415
 
     cfg = dataclasses.replace(sparse.config, chunk_v=g.shape[1])
-    cols_of_row, count_of_row, _, _ = kernels.live_lists(live)
+    layout = spec.layout
+    product = _mosaic_de(g, c, live, sparse, layout)
+    if product is None:
+        cols_of_row, count_of_row, _, _ = kernels.live_lists(live)
+
+        def product():
+            zeros = varying_like(jnp.zeros((g.shape[0], d), jnp.float32), g, c)
+            return kernels.accumulate_de(g, cols_of_row, count_of_row, c, jnp.zeros((1,), jnp.int32), zeros,
+                                         p=problem(g.shape[0], d, v, spec), cfg=cfg, interpret=sparse.interpret)
 
     def sparse_de():
-        zeros = varying_like(jnp.zeros((g.shape[0], d), jnp.float32), g, c)
-        de = kernels.accumulate_de(g, cols_of_row, count_of_row, c, jnp.zeros((1,), jnp.int32), zeros,
-                                   p=problem(g.shape[0], d, v, spec), cfg=cfg, interpret=sparse.interpret)
-        return (de_rows.astype(jnp.float32) + de).astype(de_rows.dtype)
+        return (de_rows.astype(jnp.float32) + product()).astype(de_rows.dtype)
 
     return lax.cond(_live_fraction(live) > sparse.dense_fraction, dense, sparse_de)
+
+
+def _mosaic_de(g, c, live, sparse: SparseProducts, layout: str):
+    """The Mosaic GPU block-sparse dE product as a thunk, or None where it does not apply (then Triton's)."""
+    cfg = sparse.mosaic_de
+    # Its outputs carry no varying-axes types, so not inside shard_map axes; its rows are the flags' rows.
+    if cfg is None or cfg.block_n != sparse.config.block_n or any(jax.typeof(x).mat.varying for x in (g, c)):
+        return None
+    from pallas_kernels import mosaic_sparse_de as msd  # noqa: PLC0415
+
+    lists = msd.live_lists(live)
+    if not msd.supports(g, c, lists, layout, sparse.config.block_v, cfg):
+        return None
+    return lambda: msd.sparse_de_mosaic(g, lists, c, layout=layout, tile_v=sparse.config.block_v, cfg=cfg,
+                                        interpret=sparse.interpret)
 
 
 def _chunk_dc(g, e_k, dc, db, col_sum, live, *, v, spec, sparse, mode, dc_dtype=None):

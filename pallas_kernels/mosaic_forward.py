@@ -50,7 +50,8 @@ themselves, through per-warpgroup SMEM buffers and TMA copies (``stages`` shrink
 
 Debug variants (``debug=`` of :func:`lse_forward_mosaic`, for benchmarks/mosaic_gpu_check.py): ``"row_max"``
 returns the running row max instead of the lse (softmax sum not used), ``"unpadded_out"`` the pre-fix
-``(N,)`` output store.
+``(N,)`` output store, ``"matmul_only"`` the row max with the rest of the epilogue left out (the matmul's own
+time, to price the epilogue by difference).
 
 Edges: N, V and D need not be multiples of the tiles. TMA reads outside an array are zero-filled on Hopper (and
 in the Mosaic GPU interpreter), so D padding contributes 0 to the products and padded rows are computed, written
@@ -266,7 +267,7 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
     COL = plgpu.Layout.WGMMA.reduce(0)
 
     def final_stat(m, s):
-        return m if debug == "row_max" else finish_lse(m, s)
+        return m if debug in ("row_max", "matmul_only") else finish_lse(m, s)
 
     c_tile = (bv, bd) if p.layout == "vd" else (bd, bv)  # one TMA copy per compute warpgroup (<= 256 wide)
     transforms = _smem_transforms(pick_swizzle(p, cfg, dtype), dtype)
@@ -391,6 +392,10 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
                     plgpu.barrier_arrive(b_consumed.at[b_slot])
                     z = z + lax.broadcast_in_dim(b, z.shape, [1])
                 z = softcap(z, p.softcap)
+                if debug == "matmul_only":
+                    if masked:
+                        z = jnp.where(cols < (p.v - col0 - j * W), z, -jnp.inf)
+                    return jnp.maximum(m, z.max(axis=1)), s, zt, zs
                 rel = lax.broadcast_in_dim(t_rel - j * W, z.shape, [0])
                 hit = cols == rel
                 if masked:
@@ -492,7 +497,7 @@ def _resolve_interpret(interpret):
     return interpret
 
 
-DEBUG_MODES = (None, "row_max", "unpadded_out")
+DEBUG_MODES = (None, "row_max", "unpadded_out", "matmul_only")
 
 
 def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, need_sum: bool, interpret, debug,
@@ -543,7 +548,7 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
 
 def merge_outputs(lse, zt, zs, p: Problem, cfg: MosaicForwardConfig, debug=None):
     if cfg.v_splits > 1:
-        if debug == "row_max":
+        if debug in ("row_max", "matmul_only"):
             return lse[:, :p.n].max(axis=0), *merge_splits(lse, zt, zs, p.n)[1:]
         return merge_splits(lse, zt, zs, p.n)
     if lse.shape[0] != p.n:

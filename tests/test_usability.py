@@ -246,7 +246,7 @@ def test_autotune_mosaic_off_hopper_keeps_the_table_config(tmp_path):
     results = autotune.tune(64, 32, 100, jnp.bfloat16, iters=1, log=logged.append, kernels="mosaic")
     assert any("mosaic: skipped" in line for line in logged), logged
     entry = results["entry"]
-    assert set(entry["config"]) == {"forward", "backward", "mosaic", "mosaic_chunk"}
+    assert set(entry["config"]) == {"forward", "backward", "mosaic", "mosaic_chunk", "mosaic_sparse_de"}
     path = tmp_path / "table.json"
     autotune.save_entry(str(path), entry)
     assert cce._tuning_file(str(path))[(entry["device_kind"], entry["shape_class"])] == cce.default_config(
