@@ -12,7 +12,8 @@ time against the wall span shows how much of a call is idle (launch gaps, host w
 
 Variants: ``baseline`` (dense XLA + optax), ``cce``, ``cce_exact``, ``xla``, ``budget=xK`` (``cce`` with K times
 the default memory budget), ``chunk=T`` (``cce`` with T-token chunks), ``sort`` (``cce`` with
-``KernelConfig.sort_vocab``), ``de=triton`` (``cce`` with the Triton block-sparse dE product).
+``KernelConfig.sort_vocab``), ``de=B`` (``cce`` with ``KernelConfig.sparse_de_backend=B``: ``triton``,
+``auto``, ``mosaic``).
 """
 
 from __future__ import annotations
@@ -47,8 +48,8 @@ def loss_fn(variant: str, d: int, grad_bytes: int):
                                                  * grad_bytes))
     elif variant == "sort":
         kw = dict(impl=dataclasses.replace(cce.default_config(d, jnp.bfloat16), sort_vocab=True))
-    elif variant == "de=triton":
-        kw = dict(impl=dataclasses.replace(cce.default_config(d, jnp.bfloat16), sparse_de_backend="triton"))
+    elif variant.startswith("de="):
+        kw = dict(impl=dataclasses.replace(cce.default_config(d, jnp.bfloat16), sparse_de_backend=variant[3:]))
     elif variant.startswith("chunk="):
         kw = dict(impl=dataclasses.replace(cce.default_config(d, jnp.bfloat16), chunk_tokens=int(variant[6:])))
     else:

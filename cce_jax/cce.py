@@ -80,9 +80,9 @@ class KernelConfig:
       mosaic_chunk: tiles of the Mosaic GPU logits-chunk kernel of the three-pass path (its tile stores take
         shared memory, hence fewer pipeline stages; ``v_splits`` is chosen per chunk).
       sparse_de_backend: the block-sparse dE product of the three-pass path (a chunk with few live tiles):
-        ``"auto"`` (the Mosaic GPU kernel :func:`pallas_kernels.mosaic_sparse_de.sparse_de_mosaic` where
-        :func:`use_mosaic_sparse_de` says so, the Triton one elsewhere), ``"triton"`` or ``"mosaic"`` (where its
-        shape rules hold; Triton otherwise).
+        ``"triton"`` (the default, pending its GPU measurement), ``"auto"`` (the Mosaic GPU kernel
+        :func:`pallas_kernels.mosaic_sparse_de.sparse_de_mosaic` where :func:`use_mosaic_sparse_de` says so, the
+        Triton one elsewhere) or ``"mosaic"`` (where its shape rules hold; Triton otherwise).
       mosaic_sparse_de: tiles of that Mosaic GPU kernel (its ``block_n`` must be ``backward.block_n``, the rows
         of the filter flags).
     """
@@ -100,7 +100,7 @@ class KernelConfig:
                                                       compute_wgs=2, v_splits=2)
     mosaic_chunk: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3,
                                                             compute_wgs=2)
-    sparse_de_backend: str = "auto"
+    sparse_de_backend: str = "triton"
     mosaic_sparse_de: MosaicSparseDeConfig = MosaicSparseDeConfig()
 
     def __post_init__(self):
