@@ -80,7 +80,8 @@ class KernelConfig:
       mosaic_chunk: tiles of the Mosaic GPU logits-chunk kernel of the three-pass path (its tile stores take
         shared memory, hence fewer pipeline stages; ``v_splits`` is chosen per chunk).
       sparse_de_backend: the block-sparse dE product of the three-pass path (a chunk with few live tiles):
-        ``"triton"`` (the default, pending its GPU measurement), ``"auto"`` (the Mosaic GPU kernel
+        ``"triton"`` (the default: on an H200 the Mosaic kernel was 7% slower to 8% faster at 5-52% live tiles,
+        benchmarks/results.md), ``"auto"`` (the Mosaic GPU kernel
         :func:`pallas_kernels.mosaic_sparse_de.sparse_de_mosaic` where :func:`use_mosaic_sparse_de` says so, the
         Triton one elsewhere) or ``"mosaic"`` (where its shape rules hold; Triton otherwise).
       mosaic_sparse_de: tiles of that Mosaic GPU kernel (its ``block_n`` must be ``backward.block_n``, the rows

@@ -23,6 +23,11 @@ Grid and block layout
 
 Deterministic: each output element has one owner, which sums its tiles in the list's (ascending) order.
 
+Speed (one H200, benchmarks/results.md): 7% slower to 8% faster than the Triton kernel at 5-52% live tiles and
+1.1-1.3x faster near 100%, but half as fast as XLA's dense product there: every 64-row block re-reads its live
+tiles' rows of c (16-26 row blocks per chunk at the benchmark shapes), so the kernel is bound by those reads,
+not by the tensor cores.
+
 Shape rules (:func:`check_supported`; the caller uses the Triton kernel otherwise): bf16/fp16 G and c of one
 dtype; R a multiple of ``block_n``; W a multiple of ``tile_v`` and ``tile_v`` of ``block_k``; the TMA rules of
 :mod:`pallas_kernels.mosaic_forward` for c (D % 16 == 0, and V % 8 == 0 for "vd" / V % 16 == 0 for "dv").

@@ -179,8 +179,11 @@ def test_mosaic_sparse_de_on_gpu(layout):
     ref_args = {k: (x.astype(jnp.float32) if x is not None and x.dtype == jnp.bfloat16 else x)
                 for k, x in args.items()}
     g_lse = jnp.asarray(rng.standard_normal(args["targets"].shape) * 0.5, jnp.float32)
-    config = dataclasses.replace(cce.default_config(d, jnp.bfloat16), chunk_tokens=512, chunk_dense_fraction=1.0,
-                                 chunk_dc="sparse")
+    base = cce.default_config(d, jnp.bfloat16)
+    # The kernel's rows are the filter flags' rows: 64 (the H200 table uses 128 at this D, so "auto" would
+    # keep the Triton product there).
+    config = dataclasses.replace(base, backward=dataclasses.replace(base.backward, block_n=64), chunk_tokens=512,
+                                 chunk_dense_fraction=1.0, chunk_dc="sparse")
 
     def objective(impl, **extra):
         def f(e, c, bias, targets, weights):
@@ -193,13 +196,17 @@ def test_mosaic_sparse_de_on_gpu(layout):
     assert "cce_sparse_de_mosaic" in fn.lower(*args.values()).as_text()
     value, grads = fn(*args.values())
     ref_value, ref_grads = objective("dense")(*ref_args.values())
-    assert abs(float(value) - float(ref_value)) <= 2e-3 * abs(float(ref_value)) + 1e-3
-    for g, r in zip(grads, ref_grads):
-        assert _rel(g, r) < 2e-2
+    assert abs(float(value) - float(ref_value)) <= 2e-3 * abs(float(ref_value)) + 1e-3  # the forward never filters
+    # Filtering at 1e-3 drops most of this flat softmax (and with it most of the lse cotangent's dE), so the
+    # products are checked against the same filtering on the Triton product: the same live tiles, bf16 rounding
+    # of dE apart, and the same distance from the dense result.
     t_value, t_grads = objective(dataclasses.replace(config, sparse_de_backend="triton"), filter_eps=1e-3)(
         *args.values())
     assert float(value) == float(t_value)
-    assert _rel(grads[0], t_grads[0]) < 5e-3  # the same live tiles; bf16 rounding of dE apart
+    assert _rel(grads[0], t_grads[0]) < 5e-3
+    assert abs(_rel(grads[0], ref_grads[0]) - _rel(t_grads[0], ref_grads[0])) < 5e-3
+    for g, t in zip(grads[1:], t_grads[1:]):  # dC and dbias: the same Triton kernels
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(t))
     again = fn(*args.values())
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), (value, grads), again)
 
