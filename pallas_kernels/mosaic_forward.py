@@ -185,19 +185,24 @@ def softcap(z: jax.Array, cap: float | None) -> jax.Array:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def pick_swizzle(p: Problem, cfg: MosaicForwardConfig, dtype) -> int:
-    """The SMEM swizzle (bytes) shared by both wgmma operands, or 0 if no supported one fits.
+def widest_swizzle(minor_bytes) -> int:
+    """The widest SMEM swizzle (128, 64 or 32 bytes) dividing every given minor-dimension size in bytes, else 0.
 
     Mosaic GPU describes a tiled TMA copy over the whole array tiled like the SMEM buffer, so the minor dimension
-    of each array must be a multiple of the swizzle width (128, 64 or 32 bytes; wgmma has no unswizzled mode)
-    and the major one a multiple of 8 rows.
+    of each array (and of each tile) must be a multiple of the swizzle width (wgmma has no unswizzled mode), and
+    the major one a multiple of 8 rows.
     """
-    isz = jnp.dtype(dtype).itemsize
-    minors = [p.d, cfg.block_d] + ([p.v, cfg.block_v] if p.layout == "dv" else [])
     for swizzle in (128, 64, 32):
-        if all((x * isz) % swizzle == 0 for x in minors):
+        if all(x % swizzle == 0 for x in minor_bytes):
             return swizzle
     return 0
+
+
+def pick_swizzle(p: Problem, cfg: MosaicForwardConfig, dtype) -> int:
+    """The SMEM swizzle (bytes) shared by both wgmma operands of the forward, or 0 if none fits."""
+    isz = jnp.dtype(dtype).itemsize
+    minors = [p.d, cfg.block_d] + ([p.v, cfg.block_v] if p.layout == "dv" else [])
+    return widest_swizzle([x * isz for x in minors])
 
 
 SMEM_BYTES = 227 * 1024  # per CTA on sm_90
@@ -248,7 +253,8 @@ def supports(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardConfig, s
     return True
 
 
-def _smem_transforms(swizzle: int, dtype) -> tuple:
+def smem_transforms(swizzle: int, dtype) -> tuple:
+    """The SMEM tiling and swizzle of a wgmma operand (or TMA-stored tile) with this swizzle width."""
     elems = swizzle // jnp.dtype(dtype).itemsize
     return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)
 
@@ -270,7 +276,7 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
         return m if debug in ("row_max", "matmul_only") else finish_lse(m, s)
 
     c_tile = (bv, bd) if p.layout == "vd" else (bd, bv)  # one TMA copy per compute warpgroup (<= 256 wide)
-    transforms = _smem_transforms(pick_swizzle(p, cfg, dtype), dtype)
+    transforms = smem_transforms(pick_swizzle(p, cfg, dtype), dtype)
     scratch = dict(
         e_smem=plgpu.SMEM((S, bn, bd), dtype, transforms=transforms),
         c_smem=plgpu.SMEM((S, cw, *c_tile), dtype, transforms=transforms),
@@ -284,7 +290,7 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
         b_bar=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
         b_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
         merge_bar=plgpu.Barrier(num_arrivals=cw - 1, num_barriers=1) if cw > 1 else None,
-        z_smem=plgpu.SMEM((cw, bn, bv), dtype, transforms=_smem_transforms(128, dtype)) if store else None,
+        z_smem=plgpu.SMEM((cw, bn, bv), dtype, transforms=smem_transforms(128, dtype)) if store else None,
         m_smem=plgpu.SMEM((cw, bn), jnp.float32) if store else None,
     )
 
@@ -489,7 +495,9 @@ def _run_scoped(body, scratch: dict):
     pl.run_scoped(inner, **present, collective_axes="wg")
 
 
-def _resolve_interpret(interpret):
+def interpret_params(interpret):
+    """``plgpu.kernel``'s ``interpret`` argument from ours: True (the interpreter's defaults), False / None
+    (compiled) or the interpreter's parameters as given."""
     if interpret is True:
         return plgpu.InterpretGPUParams()
     if interpret is False or interpret is None:
@@ -540,7 +548,7 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
         num_threads=cfg.compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=cfg.approx_math),
-        interpret=_resolve_interpret(interpret),
+        interpret=interpret_params(interpret),
         kernel_name="cce_logits_chunk_mosaic" if store else "cce_lse_forward_mosaic",
     )
     return f(*args)

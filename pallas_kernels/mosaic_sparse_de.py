@@ -44,7 +44,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_forward import SMEM_BYTES, _resolve_interpret, _smem_transforms, cdiv
+from pallas_kernels.mosaic_forward import SMEM_BYTES, interpret_params, smem_transforms, cdiv, widest_swizzle
 
 LIST_ALIGN = 4  # int32 entries: a row of ``lists`` is a whole number of 16-byte TMA units
 
@@ -96,13 +96,6 @@ def live_lists(live: jax.Array) -> jax.Array:
     return jnp.concatenate([count[:, None], cols, jnp.zeros((rows, pad), jnp.int32)], axis=1)
 
 
-def _swizzle(minors_bytes) -> int:
-    for swizzle in (128, 64, 32):
-        if all(x % swizzle == 0 for x in minors_bytes):
-            return swizzle
-    return 0
-
-
 def smem_bytes(cfg: MosaicSparseDeConfig, dtype, list_len: int) -> int:
     isz = jnp.dtype(dtype).itemsize
     ring = cfg.stages * (cfg.block_n + cfg.compute_wgs * cfg.block_out) * cfg.block_k * isz
@@ -128,7 +121,7 @@ def check_supported(g, c, lists, layout: str, tile_v: int, cfg: MosaicSparseDeCo
                          f"{lists.dtype} {lists.shape}")
     minors = [w * isz, cfg.block_k * isz] + ([d * isz, cfg.block_out * isz] if layout == "vd" else
                                              [v * isz])
-    if not _swizzle(minors):
+    if not widest_swizzle(minors):
         raise NotImplementedError(f"D={d} (and V={v} for 'dv') must be multiples of 16 elements for a swizzled "
                                   "TMA copy")
     if layout == "vd" and v % 8:
@@ -157,8 +150,8 @@ def _kernel(g_ref, l_ref, c_ref, o_ref, *, layout: str, tile_v: int, list_len: i
     d = c_ref.shape[1] if layout == "vd" else c_ref.shape[0]
     v = c_ref.shape[0] if layout == "vd" else c_ref.shape[1]
     minors = [w_cols * isz, bk * isz] + ([d * isz, bo * isz] if layout == "vd" else [v * isz])
-    transforms = _smem_transforms(_swizzle(minors), dtype)
-    out_swizzle = _swizzle([d * 4, bo * 4])  # float32 output: at least 64 bytes since D % 16 == 0
+    transforms = smem_transforms(widest_swizzle(minors), dtype)
+    out_swizzle = widest_swizzle([d * 4, bo * 4])  # float32 output: at least 64 bytes since D % 16 == 0
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
     c_tile = (bk, bo) if layout == "vd" else (bo, bk)
     scratch = dict(
@@ -272,7 +265,7 @@ def sparse_de_mosaic(g: jax.Array, lists: jax.Array, c: jax.Array, *, layout: st
         grid_names=("n", "d"),
         num_threads=cfg.compute_wgs + 1,
         thread_name="wg",
-        interpret=_resolve_interpret(interpret),
+        interpret=interpret_params(interpret),
         kernel_name="cce_sparse_de_mosaic",
     )
     return f(g, lists.reshape(-1), c)
