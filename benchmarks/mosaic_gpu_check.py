@@ -46,7 +46,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cce_jax.autotune import median_ms  # noqa: E402
+from cce_jax.autotune import timed_row  # noqa: E402
 from pallas_kernels.lse_forward import ForwardConfig, lse_forward  # noqa: E402
 from pallas_kernels.mosaic_forward import MosaicForwardConfig, lse_forward_mosaic  # noqa: E402
 from pallas_kernels.tiles import Problem  # noqa: E402
@@ -276,16 +276,12 @@ def timing(shapes, iters, cfg_names, log):
                 e, c, None, t, p=p, cfg=cfg, need_sum=False, interpret=INTERPRET, debug=debug)))
         xla_ms = None
         for label, fn in entries:
-            row = dict(shape=shape_name, impl=label)
-            try:
-                ms = median_ms(jax.jit(fn), e, c, t, iters=iters)
-                row.update(ms=ms, tflops=flops / ms / 1e9)
+            row = timed_row(dict(shape=shape_name, impl=label), fn, e, c, t, iters=iters, flops=flops)
+            if "ms" in row:
                 if label.startswith("xla fw"):
-                    xla_ms = ms
+                    xla_ms = row["ms"]
                 if xla_ms is not None:
-                    row["vs_xla_fw"] = ms / xla_ms
-            except Exception as exc:  # noqa: BLE001
-                row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+                    row["vs_xla_fw"] = row["ms"] / xla_ms
             log(f"time {row}")
             rows.append(row)
         del e, c, t

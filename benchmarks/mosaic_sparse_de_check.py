@@ -8,7 +8,7 @@
 (b) Timing (median of --iters) at the three-pass path's chunk shapes (gemma2: 1024 tokens x 256000 x 2304;
     llama3: 1664 x 128256 x 4096) with random live masks at several live fractions: the Mosaic kernel, the Triton
     ``accumulate_de`` (into zeros, as the three-pass path calls it) and XLA's dense ``G @ c``, with TFLOP/s of the
-    live work (``2 * live * R * tile_v * D``).
+    live work (``2 * live * R * tile_v * D``, the rows' ``tflops``).
 
 ``--smoke``: tiny shapes in interpret mode (a CPU check of this script).
 """
@@ -27,7 +27,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cce_jax.autotune import median_ms  # noqa: E402
+from cce_jax.autotune import timed_row  # noqa: E402
 from pallas_kernels import backward as triton_bw  # noqa: E402
 from pallas_kernels import mosaic_sparse_de as msd  # noqa: E402
 from pallas_kernels.tiles import Problem  # noqa: E402
@@ -106,12 +106,8 @@ def timing(log, shapes, iters):
                 entries.append(("xla dense", lambda g, c, live: jnp.dot(g[:, :v], c,
                                                                         preferred_element_type=jnp.float32)))
             for label, fn in entries:
-                row = dict(shape=name, live=live_frac, impl=label)
-                try:
-                    ms = median_ms(jax.jit(fn), g, c, live, iters=iters)
-                    row.update(ms=ms, live_tflops=work / ms / 1e9)
-                except Exception as exc:  # noqa: BLE001
-                    row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+                row = timed_row(dict(shape=name, live=live_frac, impl=label), fn, g, c, live, iters=iters,
+                                flops=work)
                 log(f"time {row}")
                 rows.append(row)
             del g, c, live
@@ -146,7 +142,7 @@ def main():
     for row in result["timing"]:
         if "ms" in row:
             print(f"{row['shape']:<7} live {row['live']:.3f} {row['impl']:<10} {row['ms']:8.3f} ms "
-                  f"{row['live_tflops']:7.1f}")
+                  f"{row['tflops']:7.1f}")
         else:
             print(f"{row['shape']:<7} live {row['live']:.3f} {row['impl']:<10} ERROR {row['error'][:150]}")
     if args.json:

@@ -87,6 +87,17 @@ def median_ms(fn, *args, iters: int = 10) -> float:
     return statistics.median(times)
 
 
+def timed_row(row: dict, fn, *args, iters: int = 10, flops: float | None = None) -> dict:
+    """Adds ``ms`` (:func:`median_ms` of ``jax.jit(fn)``) and, with ``flops``, ``tflops`` to ``row``, or an
+    ``error`` line if the call fails (a benchmark row that fails does not stop the run); returns ``row``."""
+    try:
+        ms = median_ms(jax.jit(fn), *args, iters=iters)
+        row.update(ms=ms, **({} if flops is None else {"tflops": flops / ms / 1e9}))
+    except Exception as exc:  # noqa: BLE001
+        row["error"] = f"{type(exc).__name__}: {str(exc)[:600]}"
+    return row
+
+
 def _data(n, d, v, dtype, seed=0):
     ke, kc, kt = jax.random.split(jax.random.key(seed), 3)
     e = jax.random.normal(ke, (n, d), jnp.float32).astype(dtype)

@@ -293,10 +293,11 @@ def use_mosaic_logits(e, c, bias, p: Problem, config: KernelConfig, interpret: b
 def use_mosaic_sparse_de(dtype, config: KernelConfig, interpret: bool) -> bool:
     """Whether the three-pass path may run its block-sparse dE product on the Mosaic GPU kernel (then per chunk
     where its shape rules hold, outside ``shard_map`` axes; :func:`cce_jax.three_pass._mosaic_de`).
-    ``"auto"``: compiled on a Hopper GPU, half-precision inputs, and the kernel's rows those of the filter
-    flags; ``"mosaic"``: the same without the device check (in interpret mode: the Mosaic GPU interpreter)."""
+    ``"auto"``: compiled on a Hopper GPU and half-precision inputs; ``"mosaic"``: half-precision inputs (in
+    interpret mode: the Mosaic GPU interpreter). The kernel's rows must also be the filter flags' rows, which
+    :func:`cce_jax.three_pass._mosaic_de` checks with the shape rules."""
     backend = config.sparse_de_backend
-    if backend == "triton" or config.mosaic_sparse_de.block_n != config.backward.block_n:
+    if backend == "triton":
         return False
     if jnp.dtype(dtype).itemsize != 2:
         return False

@@ -398,14 +398,13 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
                     plgpu.barrier_arrive(b_consumed.at[b_slot])
                     z = z + lax.broadcast_in_dim(b, z.shape, [1])
                 z = softcap(z, p.softcap)
+                valid = cols < (p.v - col0 - j * W) if masked else None
                 if debug == "matmul_only":
-                    if masked:
-                        z = jnp.where(cols < (p.v - col0 - j * W), z, -jnp.inf)
+                    z = jnp.where(valid, z, -jnp.inf) if masked else z
                     return jnp.maximum(m, z.max(axis=1)), s, zt, zs
                 rel = lax.broadcast_in_dim(t_rel - j * W, z.shape, [0])
                 hit = cols == rel
                 if masked:
-                    valid = cols < (p.v - col0 - j * W)
                     hit = hit & valid
                 zt = zt + jnp.where(hit, z, 0.0).sum(axis=1)
                 if need_sum:
@@ -481,11 +480,12 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
                         zt0, zs0 = zt0 + zt1, zs0 + zs1
                     write(final_stat(m0, s0), zt0, zs0)
 
-    _run_scoped(body, scratch)
+    run_scoped(body, scratch)
 
 
-def _run_scoped(body, scratch: dict):
-    """``pl.run_scoped`` over the scratch dict, passing None for the entries a problem does not need."""
+def run_scoped(body, scratch: dict):
+    """``pl.run_scoped`` over the scratch dict (collective over the warpgroups), passing None for the entries a
+    problem does not need."""
     names = list(scratch)
     present = {k: v for k, v in scratch.items() if v is not None}
 

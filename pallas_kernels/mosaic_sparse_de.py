@@ -44,7 +44,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_forward import SMEM_BYTES, interpret_params, smem_transforms, cdiv, widest_swizzle
+from pallas_kernels import backward
+from pallas_kernels.mosaic_forward import (SMEM_BYTES, cdiv, interpret_params, run_scoped, smem_transforms,
+                                           widest_swizzle)
 
 LIST_ALIGN = 4  # int32 entries: a row of ``lists`` is a whole number of 16-byte TMA units
 
@@ -89,11 +91,17 @@ def live_lists(live: jax.Array) -> jax.Array:
     """``(row blocks, list_width(T))`` int32 from the (row blocks, T) live flags: per row block the number of
     live tiles, then their column indices in ascending order (a stable sort: a fixed order), then padding."""
     rows, num = live.shape
-    dead = live == 0
-    cols = jnp.argsort(dead, axis=1, stable=True).astype(jnp.int32)
-    count = live.astype(bool).sum(axis=1, dtype=jnp.int32)
+    cols, count, _, _ = backward.live_lists(live)  # the Triton product's per-row lists (XLA drops the rest)
     pad = list_width(num) - num - 1
     return jnp.concatenate([count[:, None], cols, jnp.zeros((rows, pad), jnp.int32)], axis=1)
+
+
+def operand_swizzle(w: int, v: int, d: int, layout: str, cfg: MosaicSparseDeConfig, dtype) -> int:
+    """The SMEM swizzle shared by the G and c slices (0: none fits): G's W columns and the slice widths, and
+    c's minor dimension (D for "vd", V for "dv")."""
+    isz = jnp.dtype(dtype).itemsize
+    minors = [w, cfg.block_k] + ([d, cfg.block_out] if layout == "vd" else [v])
+    return widest_swizzle([x * isz for x in minors])
 
 
 def smem_bytes(cfg: MosaicSparseDeConfig, dtype, list_len: int) -> int:
@@ -112,16 +120,13 @@ def check_supported(g, c, lists, layout: str, tile_v: int, cfg: MosaicSparseDeCo
         raise ValueError(f"unknown layout {layout!r}")
     r, w = g.shape
     v, d = c.shape if layout == "vd" else c.shape[::-1]
-    isz = jnp.dtype(g.dtype).itemsize
     if r % cfg.block_n or w % tile_v or tile_v % cfg.block_k:
         raise NotImplementedError(f"G {g.shape} needs whole row blocks of {cfg.block_n} and tiles of {tile_v} "
                                   f"columns, and tile_v a multiple of block_k={cfg.block_k}")
     if lists.shape != (r // cfg.block_n, list_width(w // tile_v)) or lists.dtype != jnp.int32:
         raise ValueError(f"lists must be int32 {(r // cfg.block_n, list_width(w // tile_v))} (live_lists), got "
                          f"{lists.dtype} {lists.shape}")
-    minors = [w * isz, cfg.block_k * isz] + ([d * isz, cfg.block_out * isz] if layout == "vd" else
-                                             [v * isz])
-    if not widest_swizzle(minors):
+    if not operand_swizzle(w, v, d, layout, cfg, g.dtype):
         raise NotImplementedError(f"D={d} (and V={v} for 'dv') must be multiples of 16 elements for a swizzled "
                                   "TMA copy")
     if layout == "vd" and v % 8:
@@ -145,12 +150,8 @@ def _kernel(g_ref, l_ref, c_ref, o_ref, *, layout: str, tile_v: int, list_len: i
             dtype):
     bn, bk, bo, S, cw = cfg.block_n, cfg.block_k, cfg.block_out, cfg.stages, cfg.compute_wgs
     ks = tile_v // bk  # pipeline steps per live tile
-    isz = jnp.dtype(dtype).itemsize
-    r, w_cols = g_ref.shape
-    d = c_ref.shape[1] if layout == "vd" else c_ref.shape[0]
-    v = c_ref.shape[0] if layout == "vd" else c_ref.shape[1]
-    minors = [w_cols * isz, bk * isz] + ([d * isz, bo * isz] if layout == "vd" else [v * isz])
-    transforms = smem_transforms(widest_swizzle(minors), dtype)
+    v, d = c_ref.shape if layout == "vd" else c_ref.shape[::-1]
+    transforms = smem_transforms(operand_swizzle(g_ref.shape[1], v, d, layout, cfg, dtype), dtype)
     out_swizzle = widest_swizzle([d * 4, bo * 4])  # float32 output: at least 64 bytes since D % 16 == 0
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
     c_tile = (bk, bo) if layout == "vd" else (bo, bk)
@@ -240,12 +241,7 @@ def _kernel(g_ref, l_ref, c_ref, o_ref, *, layout: str, tile_v: int, list_len: i
             def _compute_wg():
                 compute(wg)
 
-    names = list(scratch)
-
-    def inner(**refs):
-        body(*(refs[k] for k in names))
-
-    pl.run_scoped(inner, **scratch, collective_axes="wg")
+    run_scoped(body, scratch)
 
 
 @functools.partial(jax.jit, static_argnames=("layout", "tile_v", "cfg", "interpret"))
