@@ -215,8 +215,8 @@ def test_mosaic_sparse_de_on_gpu(layout):
 @pytest.mark.parametrize("layout,v,bias,cap", [("vd", 50264, True, 30.0), ("dv", 50272, True, None),
                                                ("vd", 328, False, 3.0)])
 def test_mosaic_logits_chunk_on_gpu(layout, v, bias, cap):
-    """The compiled two-warpgroup logits-chunk kernel (which the CPU interpreter cannot run with a bias) against
-    float64: stored tiles, tile maxima, statistics, -inf past V."""
+    """The compiled two-warpgroup logits-chunk kernel against float64 at the GPU's shape rules: stored tiles, tile
+    maxima, statistics, -inf past V."""
     from test_mosaic_forward import _check_logits_chunk
 
     from pallas_kernels import mosaic_forward as mf

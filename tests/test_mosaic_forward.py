@@ -318,24 +318,16 @@ def _check_logits_chunk(n, d, v, *, layout="vd", has_bias=False, softcap=None, n
         np.testing.assert_allclose(np.asarray(zs), r_zs, rtol=1e-5, atol=2e-4 + 1e-6 * np.abs(z).sum(axis=1).max())
 
 
-# One compute warpgroup here: the interpreter runs each warpgroup as a thread whose barrier waits block inside
-# XLA's host-callback pool, which on a 2-core CI machine has two threads, so three warpgroups that wait at the
-# same time (two compute + the memory warpgroup, with the bias pipeline and the tile stores) can starve it and
-# hang. The two-warpgroup kernel is covered by the CUDA lowering below and by the GPU check.
-CHUNK_CFG = dataclasses.replace(CFG, compute_wgs=1)
-
-
 @pytest.mark.parametrize("layout,v", [("vd", 328), ("dv", 336)])
 def test_logits_chunk(layout, v):
-    _check_logits_chunk(128, 80, v, layout=layout, has_bias=True, softcap=3.0, cfg=CHUNK_CFG)
+    _check_logits_chunk(128, 80, v, layout=layout, has_bias=True, softcap=3.0, cfg=CFG)
 
 
 @pytest.mark.parametrize("cfg", [
-    dataclasses.replace(CHUNK_CFG, v_splits=4),  # the last split runs past V: its stores are skipped
-    dataclasses.replace(CHUNK_CFG, block_v=64, stages=2),
-    dataclasses.replace(CFG, compute_wgs=2),  # no bias: few enough concurrent waits for the interpreter
-    dataclasses.replace(CHUNK_CFG, async_wgmma=True, block_d=32, stages=3),
-], ids=["split4", "bv64-s2", "2wg", "async-bd32"])
+    dataclasses.replace(CFG, compute_wgs=1, v_splits=4),  # the last split runs past V: its stores are skipped
+    dataclasses.replace(CFG, compute_wgs=1, block_v=64, stages=2),
+    dataclasses.replace(CFG, async_wgmma=True, block_d=32, stages=3),
+], ids=["1wg-split4", "1wg-bv64-s2", "async-bd32"])
 def test_logits_chunk_configs(cfg):
     _check_logits_chunk(64, 96, 328, cfg=cfg, need_sum=False, dtype=jnp.float16)
 
