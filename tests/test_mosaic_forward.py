@@ -202,6 +202,26 @@ def test_lowers_for_h200(case):
     assert "mosaic_gpu" in text
 
 
+@pytest.mark.parametrize("shape", [(8192, 2304, 256000), (8192, 4096, 128256)], ids=["gemma2", "llama3"])
+def test_autotune_candidates_lower_for_h200(shape):
+    """Every Mosaic GPU candidate the autotuner times, as the forward at the benchmark shapes and as a three-pass
+    logits chunk of 1024 tokens: a candidate that breaks the GPU's shape or SMEM rules fails here, not on the GPU."""
+    from cce_jax import autotune  # noqa: PLC0415
+
+    n, d, v = shape
+    e, c, _, t = _structs(n, d, v, "vd", False)
+    p = Problem(n=n, d=d, v=v)
+    for cfg in autotune.MOSAIC_FORWARD_CANDIDATES:
+        fn = lambda e, c, t: mf.lse_forward_mosaic(e, c, None, t, p=p, cfg=cfg, need_sum=False)  # noqa: E731
+        assert "mosaic_gpu" in lower_for_h200(fn, e, c, t), cfg
+    e, c, _, t = _structs(1024, d, v, "vd", False)
+    p = Problem(n=1024, d=d, v=v)
+    for cfg in autotune.MOSAIC_CHUNK_CANDIDATES:
+        cfg = dataclasses.replace(cfg, v_splits=mlc.chunk_splits(1024, v, cfg))
+        fn = lambda e, c, t: mlc.logits_chunk_mosaic(e, c, None, t, p=p, cfg=cfg, need_sum=False)  # noqa: E731
+        assert "cce_logits_chunk_mosaic" in lower_for_h200(fn, e, c, t), cfg
+
+
 def test_output_stores_are_whole_row_blocks(monkeypatch):
     """The first H200 run's failure: an SMEM->GMEM store of the last, partial row block into an (N,) output is a
     bulk copy clamped to 4 * (N % block_n) bytes (24 at N = 1030), undefined unless a multiple of 16; the rows
