@@ -11,23 +11,13 @@
     logsumexp + target gather), the Triton forward and several Mosaic configs, with TFLOP/s = 2 N D V / time and
     the ratio to the XLA forward. Every config is wrapped in try/except so one failure does not stop the run.
 
-Changes after the first H200 run (jax 0.11.2: every v_splits=1 check case failed, repeats not bit-identical,
-the split-2 case, the only one with padded outputs, not among the failures):
-- The kernel bug: the last, partial row block's store into an (N,) output was a bulk copy of 4 * (N % block_n)
-  = 24 bytes, not a multiple of 16, so those rows were not written (see "Output stores" in
-  pallas_kernels/mosaic_forward.py). Fixed there (outputs padded to whole row blocks).
-- Every check case now records where the errors are: the max lse / target error per row block
-  (``lse_err_by_block``, ``tgt_err_by_block``), the number of bad rows and the worst ones with kernel and
-  reference values, and the error on whole row blocks vs the last, partial one.
-- A failing case is rerun with ``debug="row_max"`` (the kernel returns the running row max instead of the lse,
-  so the softmax sum plays no part): ``rowmax_max_abs_err`` against the reference row max. If its errors are not
-  confined to the last row block, it is also rerun on the first and the second half of the vocabulary
-  (``first_half_lse_err``, ``second_half_lse_err``) to localise the columns.
-- ``repro-unpadded`` runs the pre-fix output store (``debug="unpadded_out"``): expected to FAIL with errors only
-  in the last row block, which confirms the diagnosis; ``n1024`` runs N = 1024 (no partial row block).
-- Tiny shapes (128 x 64 x 512: one D step, one or two vocabulary tiles, one or two row blocks) separate
-  single-tile correctness from the pipelining.
-- n64-v128x2-s6 dropped: it needs 252016 bytes of SMEM (> 232448 on an H200).
+Diagnostics (from the first H200 run, whose partial-row-block stores were undefined): every check case records
+where the errors are (max lse / target error per row block, bad and worst rows, whole row blocks against the last,
+partial one); a failing case is rerun with ``debug="row_max"`` (the softmax sum plays no part) and, if its errors
+are not confined to the last row block, on each half of the vocabulary to localise the columns. Tiny shapes
+(128 x 64 x 512: one D step, one or two tiles) separate single-tile correctness from the pipelining. The
+``ctas7`` config runs the persistent schedule's rounds, splits and tails at the check shape; ``grid128`` times
+the schedule that at N 8192 is the former grid of 2 vocabulary splits.
 """
 
 from __future__ import annotations
@@ -56,22 +46,24 @@ TRITON_CFG = ForwardConfig(block_n=64, block_v=256, block_d=64, num_warps=4, num
 M = MosaicForwardConfig
 MOSAIC_CFGS = {
     "n64-v128x2-s4": M(block_n=64, block_v=128, block_d=64, stages=4, compute_wgs=2),
-    "n64-v128x2-s4-approx": M(block_n=64, block_v=128, block_d=64, stages=4, compute_wgs=2, approx_math=True),
-    "n64-v256x2-s3": M(block_n=64, block_v=256, block_d=64, stages=3, compute_wgs=2),
     "n64-v256x1-s4": M(block_n=64, block_v=256, block_d=64, stages=4, compute_wgs=1),
-    "n128-v128x2-s4-split2": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, v_splits=2),
-    "n128-v128x2-s4": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2),
-    "n128-v128x1-s4-split2": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=1, v_splits=2),
-    # The default since 5f9eb74.
-    "default": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, v_splits=2),
+    "n128-v128x1-s4": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=1),
+    # The default: one CTA per SM on the persistent schedule (pallas_kernels/mosaic_schedule.py).
+    "default": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2),
+    "s4": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2),
+    # 128 CTAs: at N 8192 the schedule is then the grid of 2 vocabulary splits that was the default before.
+    "grid128": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, ctas=128),
+    # 7 CTAs at the check shape: a round of whole row blocks, then splits with tails.
+    "ctas7": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, ctas=7),
 }
 # Timed with a debug mode: (config, debug). "matmul_only" leaves out the epilogue but the row max (its cost).
-DEBUG_TIMINGS = {"default-matmul-only": ("default", "matmul_only")}
-CHECK_CFGS = ["n64-v128x2-s4", "n64-v256x1-s4", "n128-v128x2-s4-split2", "default"]
+DEBUG_TIMINGS = {"default-matmul-only": ("default", "matmul_only"), "grid128-matmul-only": ("grid128", "matmul_only")}
+TIMED_CFGS = ["default", "grid128", "s4", "default-matmul-only", "grid128-matmul-only"]
+CHECK_CFGS = ["n64-v128x2-s4", "n128-v128x1-s4", "ctas7", "default"]
 CHECK_SHAPE = (1030, 1008, {"vd": 50264, "dv": 50272})
 TINY_SHAPE = (128, 64, 512)
-# Tiny-shape configs: n128-v128x2 has one row block, n64-v256x2 one vocabulary tile (W = 512 = V).
-TINY_CFGS = ["n64-v128x2-s4", "n64-v256x1-s4", "n128-v128x2-s4", "n64-v256x2-s3"]
+# Tiny-shape configs: the default has one row block, n64-v256x1 two vocabulary tiles.
+TINY_CFGS = ["n64-v128x2-s4", "n64-v256x1-s4", "default"]
 TOL = 1e-3
 INTERPRET = False  # --smoke: tiny shapes, kernels in the Mosaic GPU / Triton interpreters (CPU check of this script)
 
@@ -235,12 +227,10 @@ def correctness(log, budget_s: float = 120.0):
             for name in CHECK_CFGS if (has_bias and layout == "vd") else [CHECK_CFGS[0], "default"]:
                 out.append(check_case(layout, n, d, v, has_bias, cap, need_sum, name, label="ragged",
                                       diagnose=time.time() - t0 < budget_s, log=log))
-    # 3) Confirmation of the diagnosis: N a multiple of block_n, and the pre-fix (N,) output store.
+    # 3) N a multiple of block_n.
     v = vs["vd"]
     n_round = n // 64 * 64
     out.append(check_case("vd", n_round, d, v, False, None, True, "n64-v128x2-s4", label=f"n{n_round}", log=log))
-    out.append(check_case("vd", n, d, v, False, None, True, "n64-v128x2-s4", debug="unpadded_out",
-                          label="repro-unpadded", log=log))
     _DATA_CACHE.clear()
     _REF_CACHE.clear()
     log(f"correctness took {time.time() - t0:.1f} s")
@@ -293,7 +283,8 @@ def main():
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--shapes", type=str, default="gemma2,llama3")
-    ap.add_argument("--configs", type=str, default=",".join(MOSAIC_CFGS), help="comma-separated Mosaic config names")
+    ap.add_argument("--configs", type=str, default=",".join(TIMED_CFGS),
+                    help=f"comma-separated Mosaic configs to time, of {sorted(MOSAIC_CFGS) + sorted(DEBUG_TIMINGS)}")
     ap.add_argument("--skip-check", action="store_true")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (runs on a CPU)")
@@ -316,7 +307,7 @@ def main():
     result["timing"] = [] if args.skip_timing else timing(
         [s for s in args.shapes.split(",") if s], args.iters, [c for c in args.configs.split(",") if c], log)
 
-    print("\n== correctness (repro-unpadded is the pre-fix store: expected FAIL in the last row block only) ==")
+    print("\n== correctness ==")
     for r in result["check"]:
         print(f"{'OK  ' if r['ok'] else 'FAIL'} {r['label']:<14} {r['layout']} n={r['n']} v={r['v']} "
               f"bias={r['bias']} cap={r['softcap']} sum={r['need_sum']} {r['cfg']:<24} "

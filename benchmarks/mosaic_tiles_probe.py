@@ -52,12 +52,10 @@ CHUNK_CFGS = {
     "bv64-s5": M(block_n=128, block_v=64, block_d=64, stages=5, compute_wgs=2),
 }
 FW_CFGS = {
-    "bd64-s4-vs2": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, v_splits=2),
-    "bd64-s4-vs2-async": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, v_splits=2,
-                           async_wgmma=True),
-    "bd32-s8-vs2": M(block_n=128, block_v=128, block_d=32, stages=8, compute_wgs=2, v_splits=2),
-    "bd32-s8-vs2-async": M(block_n=128, block_v=128, block_d=32, stages=8, compute_wgs=2, v_splits=2,
-                           async_wgmma=True),
+    "bd64-s4": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2),
+    "bd64-s4-async": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, async_wgmma=True),
+    "bd32-s8": M(block_n=128, block_v=128, block_d=32, stages=8, compute_wgs=2),
+    "bd32-s8-async": M(block_n=128, block_v=128, block_d=32, stages=8, compute_wgs=2, async_wgmma=True),
 }
 
 
@@ -155,10 +153,10 @@ def main(argv=None):
 
         for name in chunk_names:
             cfg = _cfg(CHUNK_CFGS[name])
-            cfg = dataclasses.replace(cfg, v_splits=mlc.chunk_splits(plan.chunk, v, cfg))
             for store in (True, False):
                 def run(cfg=cfg, store=store):
-                    out = dict(smem=mf.smem_bytes(cfg, e.dtype, store), v_splits=cfg.v_splits)
+                    sch = mf.make_schedule(p_chunk, cfg, need_sum=False)
+                    out = dict(smem=mf.smem_bytes(cfg, e.dtype, store), splits=sch.splits, tail=sch.tail)
                     if store:
                         out.update(check_chunk(e[:plan.chunk], c, t[:plan.chunk], p_chunk, cfg))
                     f = pass1_call(e, c, t, plan, p_chunk, cfg, store)

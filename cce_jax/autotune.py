@@ -54,18 +54,14 @@ BACKWARD_CANDIDATES = [
     ]
 ]
 
-# (block_n, block_v, block_d, stages, v_splits), two compute warpgroups. At llama3 on an H200 (2026-12-02) four
-# V splits beat two at 4 stages (11.78 against 12.47 ms) and 3 stages beat 4 at two splits (11.67 ms): the
-# combination is a candidate of its own.
+# (block_d, stages) of 128 x 128 tiles with two compute warpgroups on the persistent grid (one CTA per SM). On an H200
+# (2026-12-02, the grid of 2 vocabulary splits before it) 3 stages beat 4 at both benchmark shapes.
 MOSAIC_FORWARD_CANDIDATES = [
-    MosaicForwardConfig(block_n=bn, block_v=bv, block_d=bd, stages=st, compute_wgs=2, v_splits=vs)
-    for (bn, bv, bd, st, vs) in [
-        (128, 128, 64, 4, 2), (128, 128, 64, 4, 1), (128, 128, 64, 4, 4), (128, 128, 64, 3, 2), (128, 128, 32, 6, 2),
-        (128, 128, 64, 3, 4),
-    ]
+    MosaicForwardConfig(block_n=128, block_v=128, block_d=bd, stages=st, compute_wgs=2)
+    for (bd, st) in [(64, 3), (64, 4), (32, 6)]
 ]
 # (block_d, stages, async_wgmma) of 128 x 128 tiles with two compute warpgroups (the three-pass product tiles
-# subdivide block_v); v_splits is chosen per chunk.
+# subdivide block_v).
 MOSAIC_CHUNK_CANDIDATES = [
     MosaicForwardConfig(block_n=128, block_v=128, block_d=bd, stages=st, compute_wgs=2, async_wgmma=aw)
     for (bd, st, aw) in [(64, 3, False), (32, 6, False), (32, 6, True), (64, 2, False)]

@@ -81,7 +81,7 @@ class KernelConfig:
         candidates on an H200 at the gemma2 and the llama3 shape, 2026-12-02: 3 stages, 13.22 / 11.67 ms
         against 14.62 / 12.47 with 4; benchmarks/runs/2026-12-02-h200-autotune-mosaic-*.json).
       mosaic_chunk: tiles of the Mosaic GPU logits-chunk kernel of the three-pass path (its tile stores take
-        shared memory, hence fewer pipeline stages; ``v_splits`` is chosen per chunk).
+        shared memory, hence fewer pipeline stages).
       sparse_de_backend: the block-sparse dE product of the three-pass path (a chunk with few live tiles):
         ``"triton"`` (the default: on an H200 the Mosaic kernel was 7% slower to 8% faster at 5-52% live tiles,
         benchmarks/results.md), ``"auto"`` (the Mosaic GPU kernel
@@ -101,7 +101,7 @@ class KernelConfig:
     sort_vocab: bool = False
     forward_backend: str = "auto"
     mosaic: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3,
-                                                      compute_wgs=2, v_splits=2)
+                                                      compute_wgs=2)
     mosaic_chunk: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3,
                                                             compute_wgs=2)
     sparse_de_backend: str = "triton"
@@ -183,7 +183,14 @@ def config_from_dict(entry: dict) -> KernelConfig:
     """A :class:`KernelConfig` from its ``dataclasses.asdict`` form (nested configs as dicts)."""
     nested = {"forward": ForwardConfig, "backward": BackwardConfig, "mosaic": MosaicForwardConfig,
               "mosaic_chunk": MosaicForwardConfig, "mosaic_sparse_de": MosaicSparseDeConfig}
-    return KernelConfig(**{k: (nested[k](**v) if k in nested and isinstance(v, dict) else v)
+
+    def build(cls, fields: dict):
+        if cls is MosaicForwardConfig:
+            # Tables saved before the persistent grid name its vocabulary splits, now chosen per problem.
+            fields = {k: v for k, v in fields.items() if k != "v_splits"}
+        return cls(**fields)
+
+    return KernelConfig(**{k: (build(nested[k], v) if k in nested and isinstance(v, dict) else v)
                            for k, v in entry.items()})
 
 
@@ -332,13 +339,11 @@ class ChunkLogits:
 
     def __call__(self, e_k, t_k, c, bias):
         from pallas_kernels.logits_chunk import logits_chunk  # noqa: PLC0415
-        from pallas_kernels.mosaic_logits_chunk import chunk_splits, logits_chunk_mosaic  # noqa: PLC0415
+        from pallas_kernels.mosaic_logits_chunk import logits_chunk_mosaic  # noqa: PLC0415
 
         p = three_pass.problem(e_k.shape[0], e_k.shape[1], self.spec.vocab_size(c), self.spec, bias is not None)
         if use_mosaic_logits(e_k, c, bias, p, self.config, self.interpret):
-            cfg = self.config.mosaic_chunk
-            mosaic = dataclasses.replace(cfg, v_splits=chunk_splits(p.n, p.v, cfg))
-            return logits_chunk_mosaic(e_k, c, bias, t_k, p=p, cfg=mosaic, need_sum=self.spec.need_sum,
+            return logits_chunk_mosaic(e_k, c, bias, t_k, p=p, cfg=self.config.mosaic_chunk, need_sum=self.spec.need_sum,
                                        interpret=self.interpret)
         return logits_chunk(e_k, c, bias, t_k, p=p, cfg=self.config.forward, need_sum=self.spec.need_sum,
                             interpret=self.interpret)

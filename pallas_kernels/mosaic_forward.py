@@ -5,53 +5,47 @@ over the vocabulary, never storing a logit. Same contract as :func:`pallas_kerne
 
 Grid and block layout
 ---------------------
-- Grid ``(cdiv(N, block_n), v_splits)`` of CTAs. CTA ``(i, s)`` owns tokens ``[i * block_n, (i + 1) * block_n)``
-  and the vocabulary tiles ``[s * T, (s + 1) * T)`` with ``T = cdiv(cdiv(V, W), v_splits)`` and the CTA tile
-  width ``W = compute_wgs * block_v`` columns.
-- Each CTA runs ``compute_wgs + 1`` warpgroups. The last one is the memory warpgroup: it streams, for every
-  vocabulary tile ``j`` and every ``block_d`` slice ``k`` of the hidden size, the ``(block_n, block_d)`` tile of
+- A persistent grid of ``ctas`` CTAs (default: one per SM, a single wave). The work is the matrix of row blocks
+  (``block_n`` tokens) by CTA tiles (``W = compute_wgs * block_v`` vocabulary columns); each CTA runs a short
+  list of *segments*, a row block and a contiguous range of its tiles, given by
+  :mod:`pallas_kernels.mosaic_schedule` (whole row blocks in rounds, then the last row blocks split along the
+  vocabulary, and the CTAs left over taking the tails of those splits, so every SM is busy to the end while the
+  CTAs running together read the same classifier tiles).
+- Each CTA runs ``compute_wgs + 1`` warpgroups. The last one is the memory warpgroup: it streams, for every tile
+  ``j`` of every segment and every ``block_d`` slice ``k`` of the hidden size, the ``(block_n, block_d)`` tile of
   ``e`` and the ``(W, block_d)`` (layout "vd") or ``(block_d, W)`` (layout "dv") tile of ``c`` into a ring of
   ``stages`` SMEM slots with TMA (one "loaded" barrier per slot and operand, one "consumed" barrier per slot that
-  every compute warpgroup arrives on after its wgmma finished reading the slot), plus the bias slice of each
-  vocabulary tile into a double buffer.
-- Compute warpgroup ``w`` owns columns ``[w * block_v, (w + 1) * block_v)`` of every CTA tile: for each
-  vocabulary tile it accumulates its ``(block_n, block_v)`` float32 logits tile over D with wgmma (e from SMEM,
-  c from SMEM, transposed view for "vd"), then folds the tile into its running statistics in registers
+  every compute warpgroup arrives on after its wgmma finished reading the slot), the bias slice of each tile into
+  a double buffer, and the targets of each segment's row block into another. The ring runs on across segments.
+- Compute warpgroup ``w`` owns columns ``[w * block_v, (w + 1) * block_v)`` of every CTA tile: for each tile it
+  accumulates its ``(block_n, block_v)`` float32 logits tile over D with wgmma (e from SMEM, c from SMEM,
+  transposed view for "vd"), then folds the tile into its running statistics in registers
   (:func:`online_update`, the flash-attention recurrence; the target logit is the column equal to the token's
-  target; the sum of logits when ``need_sum``). Only the last vocabulary tiles of the split (those that reach
-  past V) pay for the column mask.
-- At the end warpgroups ``1..compute_wgs-1`` hand their statistics to warpgroup 0 through SMEM
-  (:func:`merge_stats`), which writes one float32 per token and output through SMEM and a bulk copy into
-  outputs padded to ``N_pad = round_up(N, block_n)`` rows (never a partial store: see "Output stores" below).
-- With ``v_splits > 1`` the kernel writes per-split partial results of shape ``(v_splits, N_pad)`` and XLA
-  merges them (:func:`merge_splits`): ``3 * 4 * v_splits * N_pad`` bytes of temporary memory (393 KB at N 8192
-  with 4 splits). With ``v_splits == 1`` the outputs are ``(N_pad,)``, sliced to ``(N,)`` by XLA when
-  ``N % block_n`` (three copies of N floats; none when N is a multiple of block_n).
+  target; the sum of logits when ``need_sum``). Only the last tile (the one reaching past V) pays for the column
+  mask.
+- At the end of a segment warpgroups ``1..compute_wgs-1`` hand their statistics to warpgroup 0 through SMEM
+  (:func:`merge_stats`), which writes one float32 per token and output through SMEM and a bulk copy into the
+  segment's slot of ``(slots, N_pad)`` partial outputs, ``N_pad = round_up(N, block_n)`` (never a partial store:
+  see "Output stores" below). XLA merges the slots (:func:`pallas_kernels.mosaic_schedule.merge`):
+  ``4 * slots * N_pad`` bytes per output (lse, target logit, and the sum of logits only with ``need_sum``); 4
+  slots, 256 KB, at N 8192 on an H200.
 
-Output stores (the bug of the first H200 run, fixed here)
---------------------------------------------------------
+Output stores
+-------------
 Pallas lowers ``copy_smem_to_gmem`` with ``OOBFillMode.UNDEFINED``, and Mosaic GPU turns a contiguous,
 unswizzled SMEM->GMEM copy such as our 1-D ``(block_n,)`` statistics rows into a plain
-``cp.async.bulk.global.shared::cta`` (not a tensor-map TMA) whose byte count is clamped to the end of the
-destination array (``launch_context.async_copy``, ``is_simple_contiguous_copy``). For the last row block of an
-``(N,)`` output that is ``4 * (N % block_n)`` bytes, and ``cp.async.bulk`` needs a multiple of 16 bytes: with
-``N % 4 != 0`` (the check's N = 1030: 24 bytes) the store of those rows is undefined. The first H200 run fits
-those rows never being written: the last ``N % block_n`` tokens returned whatever the recycled output buffer
-held (different on each call: the non-bit-identical repeats; stale logit-sized floats: lse errors ~11, target
-errors ~1, sum errors ~0.5%), and the split-2 case, whose outputs were already padded, was the only check case
-not reported failing. The Mosaic GPU interpreter performs the partial store (the CPU tests at N = 70 pass), so
-it hid the problem.
-The outputs are now always padded to whole row blocks (``debug="unpadded_out"`` keeps the old store, only to
-reproduce the failure on a GPU).
+``cp.async.bulk.global.shared::cta`` whose byte count is clamped to the end of the destination array, and
+``cp.async.bulk`` needs a multiple of 16 bytes. A store of the last, partial row block into an ``(N,)`` output
+was undefined for ``N % 4 != 0`` (the first H200 run: those rows were never written; the Mosaic GPU interpreter
+performs the partial store, so it hid the problem). Every store is a whole row block of a padded output.
 
 Tile stores (``store=True`` of :func:`run_kernel`, used by :mod:`pallas_kernels.mosaic_logits_chunk` for the
 three-pass path): each compute warpgroup also writes every logits tile relative to its row maxima and the maxima
 themselves, through per-warpgroup SMEM buffers and TMA copies (``stages`` shrinks to fit: :func:`smem_bytes`).
 
 Debug variants (``debug=`` of :func:`lse_forward_mosaic`, for benchmarks/mosaic_gpu_check.py): ``"row_max"``
-returns the running row max instead of the lse (softmax sum not used), ``"unpadded_out"`` the pre-fix
-``(N,)`` output store, ``"matmul_only"`` the row max with the rest of the epilogue left out (the matmul's own
-time, to price the epilogue by difference).
+returns the running row max instead of the lse (softmax sum not used), ``"matmul_only"`` the row max with the
+rest of the epilogue left out (the matmul's own time, to price the epilogue by difference).
 
 Edges: N, V and D need not be multiples of the tiles. TMA reads outside an array are zero-filled on Hopper (and
 in the Mosaic GPU interpreter), so D padding contributes 0 to the products and padded rows are computed, written
@@ -83,6 +77,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import mosaic_schedule as schedule
 from pallas_kernels.tiles import Problem
 
 LOG2E = math.log2(math.e)
@@ -98,7 +93,8 @@ class MosaicForwardConfig:
       block_d: hidden-size slice per pipeline step (64 for 16-bit types gives 128-byte rows, the widest swizzle).
       stages: SMEM ring depth of the TMA pipeline (max concurrent steps).
       compute_wgs: compute warpgroups per CTA (1 or 2), each with its own block_v columns of the CTA tile.
-      v_splits: CTAs sharing one row block, each over 1/v_splits of the vocabulary (merged by XLA when > 1).
+      ctas: CTAs of the persistent grid (:mod:`pallas_kernels.mosaic_schedule`); None: one per SM of the GPU
+        (132 without a GPU), a single wave.
       approx_math: approximate exp/log/tanh (MUFU); exp2/log stay accurate to ~1e-6 relative, tanh to ~1e-3.
       async_wgmma: keep one wgmma in flight while the next is issued (each slot is released one step later, so
         the ring holds one fewer step in flight: give it a stage more). Off by default: with two compute
@@ -111,7 +107,7 @@ class MosaicForwardConfig:
     block_d: int = 64
     stages: int = 4
     compute_wgs: int = 2
-    v_splits: int = 1
+    ctas: int | None = None
     approx_math: bool = False
     async_wgmma: bool = False
 
@@ -126,8 +122,8 @@ class MosaicForwardConfig:
             raise ValueError(f"stages={self.stages} must be at least 2")
         if self.compute_wgs not in (1, 2):
             raise ValueError(f"compute_wgs={self.compute_wgs} must be 1 or 2")
-        if self.v_splits < 1:
-            raise ValueError(f"v_splits={self.v_splits} must be at least 1")
+        if self.ctas is not None and self.ctas < 1:
+            raise ValueError(f"ctas={self.ctas} must be None or at least 1")
 
     @property
     def tile_v(self) -> int:
@@ -167,15 +163,6 @@ def merge_stats(m_a, s_a, m_b, s_b) -> tuple[jax.Array, jax.Array]:
 def finish_lse(m: jax.Array, s: jax.Array) -> jax.Array:
     """log-sum-exp from a running (max, sum) pair; -inf where no column was seen."""
     return m + jnp.log(s)
-
-
-def merge_splits(lse: jax.Array, zt: jax.Array, zs: jax.Array, n: int):
-    """Merges per-split partial results (splits, n_pad) into (n,) outputs (XLA, outside the kernel)."""
-    lse, zt, zs = lse[:, :n], zt[:, :n], zs[:, :n]
-    m = lse.max(axis=0)
-    m_safe = jnp.where(m == -jnp.inf, 0.0, m)
-    out = m_safe + jnp.log(jnp.exp(lse - m_safe[None]).sum(axis=0))
-    return out, zt.sum(axis=0), zs.sum(axis=0)
 
 
 def softcap(z: jax.Array, cap: float | None) -> jax.Array:
@@ -259,16 +246,20 @@ def smem_transforms(swizzle: int, dtype) -> tuple:
     return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)
 
 
-def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_ref=None, *, p: Problem,
-            cfg: MosaicForwardConfig, need_sum: bool, dtype, bias_dtype, debug: str | None = None):
+def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule, need_sum: bool, store: bool,
+            dtype, bias_dtype, debug: str | None = None):
+    refs = list(refs)
+    e_ref, c_ref = refs.pop(0), refs.pop(0)
+    b_ref = refs.pop(0) if p.has_bias else None
+    t_ref, lse_ref, zt_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+    zs_ref = refs.pop(0) if need_sum else None
+    z_ref, m_ref = refs if store else (None, None)
+    out_refs = [r for r in (lse_ref, zt_ref, zs_ref) if r is not None]
+
     bn, bv, bd, S, cw = cfg.block_n, cfg.block_v, cfg.block_d, cfg.stages, cfg.compute_wgs
     W = cfg.tile_v
     kd = cdiv(p.d, bd)
-    nvt = cdiv(cdiv(p.v, W), cfg.v_splits)  # vocabulary tiles per split
-    total = nvt * kd  # pipeline steps per CTA
-    split_out = cfg.v_splits > 1
-    store = z_ref is not None
-    cta_tiles = cdiv(p.v, W)
+    n_full = p.v // W  # tiles entirely below V skip the column mask
     ROW = plgpu.Layout.WGMMA.reduce(1)
     COL = plgpu.Layout.WGMMA.reduce(0)
 
@@ -280,47 +271,54 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
     scratch = dict(
         e_smem=plgpu.SMEM((S, bn, bd), dtype, transforms=transforms),
         c_smem=plgpu.SMEM((S, cw, *c_tile), dtype, transforms=transforms),
-        t_smem=plgpu.SMEM((bn,), jnp.int32),
+        t_smem=plgpu.SMEM((2, bn), jnp.int32),
         stat_smem=plgpu.SMEM((cw, 4, bn), jnp.float32),
-        out_smem=plgpu.SMEM((3, bn), jnp.float32),
+        out_smem=plgpu.SMEM((len(out_refs), bn), jnp.float32),
         b_smem=plgpu.SMEM((2, cw, bv), bias_dtype) if p.has_bias else None,
         loaded=plgpu.Barrier(num_arrivals=1 + cw, num_barriers=S),  # e tile + one c tile per warpgroup
         consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=S),
-        t_bar=plgpu.Barrier(num_barriers=1),
+        t_bar=plgpu.Barrier(num_barriers=2),
+        t_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2),
         b_bar=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
         b_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
         merge_bar=plgpu.Barrier(num_arrivals=cw - 1, num_barriers=1) if cw > 1 else None,
+        merge_free=plgpu.Barrier(num_arrivals=1, num_barriers=1) if cw > 1 else None,
         z_smem=plgpu.SMEM((cw, bn, bv), dtype, transforms=smem_transforms(128, dtype)) if store else None,
         m_smem=plgpu.SMEM((cw, bn), jnp.float32) if store else None,
     )
 
-    def body(e_smem, c_smem, t_smem, stat_smem, out_smem, b_smem, loaded, consumed, t_bar, b_bar,
-             b_consumed, merge_bar, z_smem, m_smem):
+    def body(e_smem, c_smem, t_smem, stat_smem, out_smem, b_smem, loaded, consumed, t_bar, t_consumed, b_bar,
+             b_consumed, merge_bar, merge_free, z_smem, m_smem):
         wg = lax.axis_index("wg")
-        n0 = lax.axis_index("n") * bn
-        split = lax.axis_index("split") if split_out else 0
-        tile0 = split * nvt  # first vocabulary tile of this split
-        v_start = tile0 * W
+        cta = lax.axis_index("cta")
+        n_seg = jnp.asarray(schedule.num_segments(sch, cta), jnp.int32)
+
+        def segments(fn):
+            """Runs ``fn(q, row, first, end, slot, lt) -> lt`` over this CTA's segments; ``lt`` counts the CTA's
+            tiles (the pipeline's step ``lt * kd + k`` picks the ring slot and its phase)."""
+            def seg(q, lt):
+                row, first, end, slot = (jnp.asarray(x, jnp.int32) for x in schedule.segment(sch, cta, q))
+                return fn(q, row, first, end, slot, lt)
+
+            return lax.fori_loop(0, n_seg, seg, jnp.int32(0))
 
         # ---------------- memory warpgroup: TMA producer ----------------
-        def issue(step):
-            j = lax.div(step, kd)
-            k = lax.rem(step, kd)
-            slot = lax.rem(step, S)
-            v0 = v_start + j * W
-            plgpu.copy_gmem_to_smem(e_ref.at[pl.ds(n0, bn), pl.ds(k * bd, bd)], e_smem.at[slot], loaded.at[slot])
-            for w in range(cw):
-                if p.layout == "vd":
-                    src = c_ref.at[pl.ds(v0 + w * bv, bv), pl.ds(k * bd, bd)]
-                else:
-                    src = c_ref.at[pl.ds(k * bd, bd), pl.ds(v0 + w * bv, bv)]
-                plgpu.copy_gmem_to_smem(src, c_smem.at[slot, w], loaded.at[slot])
-            if p.has_bias:
-                @pl.when(k == 0)
-                def _bias():
-                    b_slot = lax.rem(j, 2)
+        def load_segment(q, row, first, end, slot, lt):
+            n0 = row * bn
+            t_slot = lax.rem(q, 2)
 
-                    @pl.when(j >= 2)
+            @pl.when(q >= 2)
+            def _():
+                plgpu.barrier_wait(t_consumed.at[t_slot])
+
+            plgpu.copy_gmem_to_smem(t_ref.at[pl.ds(n0, bn)], t_smem.at[t_slot], t_bar.at[t_slot])
+
+            def tile(j, lt):
+                v0 = j * W
+                if p.has_bias:
+                    b_slot = lax.rem(lt, 2)
+
+                    @pl.when(lt >= 2)
                     def _():
                         plgpu.barrier_wait(b_consumed.at[b_slot])
 
@@ -328,35 +326,55 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
                         plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(v0 + w * bv, bv)], b_smem.at[b_slot, w],
                                                 b_bar.at[b_slot])
 
+                def k_step(k, carry):
+                    step = lt * kd + k
+                    s = lax.rem(step, S)
+
+                    @pl.when(step >= S)
+                    def _():
+                        plgpu.barrier_wait(consumed.at[s])
+
+                    plgpu.copy_gmem_to_smem(e_ref.at[pl.ds(n0, bn), pl.ds(k * bd, bd)], e_smem.at[s], loaded.at[s])
+                    for w in range(cw):
+                        if p.layout == "vd":
+                            src = c_ref.at[pl.ds(v0 + w * bv, bv), pl.ds(k * bd, bd)]
+                        else:
+                            src = c_ref.at[pl.ds(k * bd, bd), pl.ds(v0 + w * bv, bv)]
+                        plgpu.copy_gmem_to_smem(src, c_smem.at[s, w], loaded.at[s])
+                    return carry
+
+                lax.fori_loop(0, kd, k_step, None)
+                return lt + 1
+
+            return lax.fori_loop(first, end, tile, lt)
+
+        def drain(lo, hi, bar, n):
+            """Observes the completions of ``bar`` this warpgroup has not waited for (the interpreter checks this at
+            deallocation; on the GPU it only delays this warpgroup's exit)."""
+            def wait(i, carry):
+                plgpu.barrier_wait(bar.at[lax.rem(i, n)])
+                return carry
+
+            lax.fori_loop(jnp.maximum(lo, 0), hi, wait, None)
+
         @pl.when(wg == cw)
         def _memory_wg():
             if cw > 1:
                 plgpu.set_max_registers(40, action="decrease")
-            plgpu.copy_gmem_to_smem(t_ref.at[pl.ds(n0, bn)], t_smem, t_bar.at[0])
-            for step in range(min(S, total)):
-                issue(jnp.int32(step))
-
-            @pl.loop(min(S, total), total)
-            def _steady(step):
-                plgpu.barrier_wait(consumed.at[lax.rem(step, S)])
-                issue(step)
-
-            # Drain: observe every completion of the barriers this warpgroup waits on (the interpreter checks
-            # this at deallocation; on the GPU it only delays this warpgroup's exit).
-            for step in range(max(total - S, 0), total):
-                plgpu.barrier_wait(consumed.at[step % S])
+            n_tiles = segments(load_segment)
+            drain(n_tiles * kd - S, n_tiles * kd, consumed, S)
+            drain(n_seg - 2, n_seg, t_consumed, 2)
             if p.has_bias:
-                for j in range(max(nvt - 2, 0), nvt):
-                    plgpu.barrier_wait(b_consumed.at[j % 2])
+                drain(n_tiles - 2, n_tiles, b_consumed, 2)
 
         # ---------------- compute warpgroups ----------------
-        def logits_tile(j, w):
-            """float32 (bn, bv) tile of e @ c^T for this warpgroup's columns of vocabulary tile j (no bias)."""
+        def logits_tile(lt, w):
+            """float32 (bn, bv) tile of e @ c^T for this warpgroup's columns of the CTA's tile ``lt`` (no bias)."""
             def mm(acc_ref):
                 lag = int(cfg.async_wgmma)
 
                 def k_step(k, carry):
-                    slot = lax.rem(j * kd + k, S)
+                    slot = lax.rem(lt * kd + k, S)
                     plgpu.barrier_wait(loaded.at[slot])
                     rhs = c_smem.at[slot, w]
                     if p.layout == "vd":
@@ -367,7 +385,7 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
                     if lag:
                         @pl.when(k > 0)
                         def _():
-                            plgpu.barrier_arrive(consumed.at[lax.rem(j * kd + k - 1, S)])
+                            plgpu.barrier_arrive(consumed.at[lax.rem(lt * kd + k - 1, S)])
                     else:
                         plgpu.barrier_arrive(consumed.at[slot])
                     return carry
@@ -375,110 +393,118 @@ def _kernel(e_ref, c_ref, b_ref, t_ref, lse_ref, zt_ref, zs_ref, z_ref=None, m_r
                 lax.fori_loop(0, kd, k_step, None)
                 if lag:
                     plgpu.wgmma_wait(0)
-                    plgpu.barrier_arrive(consumed.at[lax.rem(j * kd + kd - 1, S)])
+                    plgpu.barrier_arrive(consumed.at[lax.rem(lt * kd + kd - 1, S)])
                 return acc_ref[...]
 
             return pl.run_scoped(mm, plgpu.ACC((bn, bv), jnp.float32))
 
-        def compute(w):
+        def compute(w, emit):
+            """Warpgroup ``w``'s statistics of every segment, handed to ``emit(row, slot, m, s, zt, zs)``."""
             if cw > 1:
                 plgpu.set_max_registers(232, action="increase")
-            plgpu.barrier_wait(t_bar.at[0])
-            col0 = v_start + w * bv  # global column of this warpgroup's first column in tile 0
-            t_rel = plgpu.load(t_smem, layout=ROW) - col0  # target relative to that column
             cols = plgpu.broadcasted_iota(jnp.int32, (bn, bv), 1, layout=plgpu.Layout.WGMMA)
 
-            def v_step(j, carry, masked: bool):
-                m, s, zt, zs = carry
-                z = logits_tile(j, w)
-                if p.has_bias:
-                    b_slot = lax.rem(j, 2)
-                    plgpu.barrier_wait(b_bar.at[b_slot])
-                    b = plgpu.load(b_smem.at[b_slot, w], layout=COL).astype(jnp.float32)
-                    plgpu.barrier_arrive(b_consumed.at[b_slot])
-                    z = z + lax.broadcast_in_dim(b, z.shape, [1])
-                z = softcap(z, p.softcap)
-                valid = cols < (p.v - col0 - j * W) if masked else None
-                if debug == "matmul_only":
-                    z = jnp.where(valid, z, -jnp.inf) if masked else z
-                    return jnp.maximum(m, z.max(axis=1)), s, zt, zs
-                rel = lax.broadcast_in_dim(t_rel - j * W, z.shape, [0])
-                hit = cols == rel
-                if masked:
-                    hit = hit & valid
-                zt = zt + jnp.where(hit, z, 0.0).sum(axis=1)
-                if need_sum:
-                    zs = zs + (jnp.where(valid, z, 0.0) if masked else z).sum(axis=1)
-                if masked:
-                    z = jnp.where(valid, z, -jnp.inf)
-                z_max = z.max(axis=1)
-                if store:
-                    store_tile(j, w, z, z_max)
-                m, s = online_update(m, s, z, z_max)
-                return m, s, zt, zs
+            def segment(q, row, first, end, slot, lt):
+                t_slot = lax.rem(q, 2)
+                plgpu.barrier_wait(t_bar.at[t_slot])
+                t_rel = plgpu.load(t_smem.at[t_slot], layout=ROW) - w * bv  # target relative to tile 0's columns
+                plgpu.barrier_arrive(t_consumed.at[t_slot])
 
-            def row(x):
-                return plgpu.layout_cast(jnp.full((bn,), x, jnp.float32), ROW)
+                def v_step(j, carry, masked: bool):
+                    m, s, zt, zs = carry
+                    lt_j = lt + j - first
+                    z = logits_tile(lt_j, w)
+                    if p.has_bias:
+                        b_slot = lax.rem(lt_j, 2)
+                        plgpu.barrier_wait(b_bar.at[b_slot])
+                        b = plgpu.load(b_smem.at[b_slot, w], layout=COL).astype(jnp.float32)
+                        plgpu.barrier_arrive(b_consumed.at[b_slot])
+                        z = z + lax.broadcast_in_dim(b, z.shape, [1])
+                    z = softcap(z, p.softcap)
+                    valid = cols < (p.v - w * bv - j * W) if masked else None
+                    if debug == "matmul_only":
+                        z = jnp.where(valid, z, -jnp.inf) if masked else z
+                        return jnp.maximum(m, z.max(axis=1)), s, zt, zs
+                    rel = lax.broadcast_in_dim(t_rel - j * W, z.shape, [0])
+                    hit = cols == rel
+                    if masked:
+                        hit = hit & valid
+                    zt = zt + jnp.where(hit, z, 0.0).sum(axis=1)
+                    if need_sum:
+                        zs = zs + (jnp.where(valid, z, 0.0) if masked else z).sum(axis=1)
+                    if masked:
+                        z = jnp.where(valid, z, -jnp.inf)
+                    z_max = z.max(axis=1)
+                    if store:
+                        store_tile(row, j, w, z, z_max)
+                    m, s = online_update(m, s, z, z_max)
+                    return m, s, zt, zs
 
-            carry = (row(-jnp.inf), row(0.0), row(0.0), row(0.0))
-            # Tiles entirely below V skip the column mask.
-            n_full = jnp.clip(lax.div(p.v - v_start, W), 0, nvt) if split_out else (p.v // W)
-            carry = lax.fori_loop(0, n_full, functools.partial(v_step, masked=False), carry)
-            carry = lax.fori_loop(n_full, nvt, functools.partial(v_step, masked=True), carry)
+                def fill(x):
+                    return plgpu.layout_cast(jnp.full((bn,), x, jnp.float32), ROW)
+
+                carry = (fill(-jnp.inf), fill(0.0), fill(0.0), fill(0.0))
+                carry = lax.fori_loop(first, jnp.minimum(end, n_full), functools.partial(v_step, masked=False),
+                                      carry)
+                carry = lax.fori_loop(jnp.maximum(first, n_full), end, functools.partial(v_step, masked=True),
+                                      carry)
+                emit(row, slot, *carry)
+                return lt + end - first
+
+            segments(segment)
             if store:
                 plgpu.wait_smem_to_gmem(0)
-            return carry
 
-        def store_tile(j, w, z, z_max):
+        def store_tile(row, j, w, z, z_max):
             """The tile relative to its row maxima (input precision) and the maxima, through SMEM and TMA; the
             previous tile's copies must have finished reading this warpgroup's buffers first."""
-            tile = tile0 + j
-
-            @pl.when(tile < cta_tiles)
-            def _():
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                shift = jnp.where(z_max == -jnp.inf, 0.0, z_max)
-                z_smem.at[w][...] = (z - lax.broadcast_in_dim(shift, z.shape, [0])).astype(dtype)
-                m_smem.at[w][...] = z_max
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(z_smem.at[w], z_ref.at[pl.ds(n0, bn), pl.ds(tile * W + w * bv, bv)])
-                plgpu.copy_smem_to_gmem(m_smem.at[w], m_ref.at[tile * cw + w, pl.ds(n0, bn)])
-
-        def write(lse, zt, zs):
-            out_smem.at[0][...] = lse
-            out_smem.at[1][...] = zt
-            out_smem.at[2][...] = zs
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            shift = jnp.where(z_max == -jnp.inf, 0.0, z_max)
+            z_smem.at[w][...] = (z - lax.broadcast_in_dim(shift, z.shape, [0])).astype(dtype)
+            m_smem.at[w][...] = z_max
             plgpu.commit_smem()
-            for i, ref in enumerate((lse_ref, zt_ref, zs_ref)):
-                dst = ref.at[split, pl.ds(n0, bn)] if split_out else ref.at[pl.ds(n0, bn)]
-                plgpu.copy_smem_to_gmem(out_smem.at[i], dst)
+            plgpu.copy_smem_to_gmem(z_smem.at[w], z_ref.at[pl.ds(row * bn, bn), pl.ds(j * W + w * bv, bv)])
+            plgpu.copy_smem_to_gmem(m_smem.at[w], m_ref.at[j * cw + w, pl.ds(row * bn, bn)])
+
+        def write(row, slot, m, s, zt, zs):
+            for i, x in enumerate((final_stat(m, s), zt, zs)[:len(out_refs)]):
+                out_smem.at[i][...] = x
+            plgpu.commit_smem()
+            for i, ref in enumerate(out_refs):
+                plgpu.copy_smem_to_gmem(out_smem.at[i], ref.at[slot, pl.ds(row * bn, bn)])
             plgpu.wait_smem_to_gmem(0)
 
-        if cw == 1:
+        def hand_over(row, slot, m, s, zt, zs):
+            for i, x in enumerate((m, s, zt, zs)):
+                stat_smem.at[wg, i][...] = x
+            plgpu.barrier_arrive(merge_bar.at[0])
+            plgpu.barrier_wait(merge_free.at[0])  # warpgroup 0 has read them: the next segment may overwrite
+
+        def merge_and_write(row, slot, m, s, zt, zs):
+            plgpu.barrier_wait(merge_bar.at[0])
+            for other in range(1, cw):
+                m1, s1, zt1, zs1 = (plgpu.load(stat_smem.at[other, i], layout=ROW) for i in range(4))
+                m, s = merge_stats(m, s, m1, s1)
+                zt, zs = zt + zt1, zs + zs1
+            plgpu.barrier_arrive(merge_free.at[0])
+            write(row, slot, m, s, zt, zs)
+
+        def emit(row, slot, m, s, zt, zs):
+            if cw == 1:
+                write(row, slot, m, s, zt, zs)
+                return
+
+            @pl.when(wg > 0)
+            def _():
+                hand_over(row, slot, m, s, zt, zs)
+
             @pl.when(wg == 0)
-            def _compute_wg():
-                m, s, zt, zs = compute(0)
-                write(final_stat(m, s), zt, zs)
-        else:
-            @pl.when(wg < cw)
-            def _compute_wg():
-                m, s, zt, zs = compute(wg)
+            def _():
+                merge_and_write(row, slot, m, s, zt, zs)
 
-                @pl.when(wg > 0)
-                def _hand_over():
-                    for i, x in enumerate((m, s, zt, zs)):
-                        stat_smem.at[wg, i][...] = x
-                    plgpu.barrier_arrive(merge_bar.at[0])
-
-                @pl.when(wg == 0)
-                def _merge_and_write():
-                    plgpu.barrier_wait(merge_bar.at[0])
-                    m0, s0, zt0, zs0 = m, s, zt, zs
-                    for other in range(1, cw):
-                        m1, s1, zt1, zs1 = (plgpu.load(stat_smem.at[other, i], layout=ROW) for i in range(4))
-                        m0, s0 = merge_stats(m0, s0, m1, s1)
-                        zt0, zs0 = zt0 + zt1, zs0 + zs1
-                    write(final_stat(m0, s0), zt0, zs0)
+        @pl.when(wg < cw)
+        def _compute_wg():
+            compute(wg if cw > 1 else 0, emit)
 
     run_scoped(body, scratch)
 
@@ -505,13 +531,31 @@ def interpret_params(interpret):
     return interpret
 
 
-DEBUG_MODES = (None, "row_max", "unpadded_out", "matmul_only")
+DEBUG_MODES = (None, "row_max", "matmul_only")
+H200_SMS = 132
+# Temporary memory of the partial outputs that XLA merges (per output; at least two slots per row block).
+MERGE_BYTES = 2**20
+
+
+def device_sms() -> int:
+    """CTAs of one wave: the GPU's SMs (one CTA each: the kernel's shared memory), or an H200's 132 without a
+    GPU (lowering for an abstract H200, the interpreter)."""
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0) or H200_SMS) if dev.platform == "gpu" else H200_SMS
+
+
+def make_schedule(p: Problem, cfg: MosaicForwardConfig, need_sum: bool) -> schedule.Schedule:
+    """The persistent grid's work assignment (:mod:`pallas_kernels.mosaic_schedule`) for this problem."""
+    n_blocks = cdiv(p.n, cfg.block_n)
+    max_slots = max(2, MERGE_BYTES // (n_blocks * cfg.block_n * 4))
+    return schedule.make(n_blocks, cdiv(p.v, cfg.tile_v), cfg.ctas or device_sms(), max_slots)
 
 
 def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, need_sum: bool, interpret, debug,
                store: bool):
-    """The kernel's outputs: (lse, zt, zs) as (v_splits, N_pad) partials or (N_out,), plus with ``store`` the
-    logits buffer (N, cdiv(V, W) * W) and the transposed tile maxima (cdiv(V, W) * compute_wgs, N)."""
+    """The kernel's outputs: ``(schedule, lse, zt, zs)`` with (slots, N_pad) partials (``zs`` None unless
+    ``need_sum``), plus with ``store`` the logits buffer (N, cdiv(V, W) * W) and the transposed tile maxima
+    (cdiv(V, W) * compute_wgs, N)."""
     check_supported(e, c, p, cfg, store)
     if debug not in DEBUG_MODES:
         raise ValueError(f"debug={debug!r} must be one of {DEBUG_MODES}")
@@ -521,47 +565,38 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
     if p.n % 8:
         # TMA copies of e are tiled in 8-row groups over the whole array: pad e (only e, never c) to 8k rows.
         e = jnp.pad(e, ((0, 8 - p.n % 8), (0, 0)))
-    bias_dtype = None if bias is None else bias.dtype
-    kernel = functools.partial(_kernel, p=p, cfg=cfg, need_sum=need_sum, dtype=e.dtype, bias_dtype=bias_dtype,
-                               debug=debug)
-    if bias is None:
-        kernel = functools.partial(_without_bias, kernel)
+    sch = make_schedule(p, cfg, need_sum)
+    kernel = functools.partial(_kernel, p=p, cfg=cfg, sch=sch, need_sum=need_sum, store=store, dtype=e.dtype,
+                               bias_dtype=None if bias is None else bias.dtype, debug=debug)
     args = (e, c, targets) if bias is None else (e, c, bias, targets)
-    n_tiles = cdiv(p.n, cfg.block_n)
-    # Whole row blocks only: a store into an (N,) array would be a bulk copy clamped to 4 * (N % block_n)
-    # bytes for the last block, undefined unless a multiple of 16 (module docstring, "Output stores").
-    n_out = p.n if debug == "unpadded_out" else n_tiles * cfg.block_n
-    if cfg.v_splits > 1:
-        out = jax.ShapeDtypeStruct((cfg.v_splits, n_tiles * cfg.block_n), jnp.float32)
-    else:
-        out = jax.ShapeDtypeStruct((n_out,), jnp.float32)
-    out_type = [out, out, out]
+    # Whole row blocks only: a store into an (N,) array would be a bulk copy clamped to 4 * (N % block_n) bytes
+    # for the last block, undefined unless a multiple of 16 (module docstring, "Output stores").
+    out = jax.ShapeDtypeStruct((sch.slots, sch.row_blocks * cfg.block_n), jnp.float32)
+    out_type = [out] * (3 if need_sum else 2)
     if store:
-        cta_tiles = cdiv(p.v, cfg.tile_v)
-        out_type += [jax.ShapeDtypeStruct((p.n, cta_tiles * cfg.tile_v), e.dtype),
-                     jax.ShapeDtypeStruct((cta_tiles * cfg.compute_wgs, p.n), jnp.float32)]
+        out_type += [jax.ShapeDtypeStruct((p.n, sch.tiles * cfg.tile_v), e.dtype),
+                     jax.ShapeDtypeStruct((sch.tiles * cfg.compute_wgs, p.n), jnp.float32)]
     f = plgpu.kernel(
         kernel,
         out_type=tuple(out_type),
-        grid=(n_tiles, cfg.v_splits),
-        grid_names=("n", "split"),
+        grid=(sch.grid,),
+        grid_names=("cta",),
         num_threads=cfg.compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=cfg.approx_math),
         interpret=interpret_params(interpret),
         kernel_name="cce_logits_chunk_mosaic" if store else "cce_lse_forward_mosaic",
     )
-    return f(*args)
+    outs = list(f(*args))
+    if not need_sum:
+        outs.insert(2, None)
+    return (sch, *outs)
 
 
-def merge_outputs(lse, zt, zs, p: Problem, cfg: MosaicForwardConfig, debug=None):
-    if cfg.v_splits > 1:
-        if debug in ("row_max", "matmul_only"):
-            return lse[:, :p.n].max(axis=0), *merge_splits(lse, zt, zs, p.n)[1:]
-        return merge_splits(lse, zt, zs, p.n)
-    if lse.shape[0] != p.n:
-        return lse[:p.n], zt[:p.n], zs[:p.n]
-    return lse, zt, zs
+def merge_outputs(sch: schedule.Schedule, lse, zt, zs, p: Problem, cfg: MosaicForwardConfig, debug=None):
+    """(N,) ``(lse, target_logit, sum_logits)`` from the kernel's partials (``sum_logits`` zeros when None)."""
+    lse, zt, zs = schedule.merge(sch, cfg.block_n, p.n, lse, zt, zs, row_max=debug in ("row_max", "matmul_only"))
+    return lse, zt, jnp.zeros_like(zt) if zs is None else zs
 
 
 @functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "interpret", "debug"))
@@ -584,14 +619,9 @@ def lse_forward_mosaic(
     ``-1`` (or any id outside [0, V)) gives a target logit of 0. ``sum_logits`` is zeros unless ``need_sum``.
     ``interpret``: False (compiled, Hopper GPU), True (Mosaic GPU interpreter with default parameters) or a
     ``plgpu.InterpretGPUParams``. ``debug``: None (normal), ``"row_max"`` (first output is the row max of the
-    logits instead of the lse) or ``"unpadded_out"`` (the pre-fix (N,) output store, broken on the GPU when
-    ``N % 4 != 0``; only to reproduce that). See the module docstring for the grid, the block layout and the
-    limits.
+    logits instead of the lse) or ``"matmul_only"`` (the row max with the rest of the epilogue left out). See the
+    module docstring for the grid, the block layout and the limits.
     """
-    lse, zt, zs = run_kernel(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum, interpret=interpret, debug=debug,
-                        store=False)
-    return merge_outputs(lse, zt, zs, p, cfg, debug)
-
-
-def _without_bias(kernel, e_ref, c_ref, *refs):
-    return kernel(e_ref, c_ref, None, *refs)
+    sch, lse, zt, zs = run_kernel(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum, interpret=interpret,
+                                  debug=debug, store=False)
+    return merge_outputs(sch, lse, zt, zs, p, cfg, debug)

@@ -4,9 +4,9 @@ The kernel is :mod:`pallas_kernels.mosaic_forward`'s (same grid, block layout, p
 with its tile stores on: every compute warpgroup also writes each ``(block_n, block_v)`` logits tile relative to
 its row maxima, in the input's precision, through an SMEM buffer and a TMA copy that overlaps the next tile's
 matmul, and the maxima through a second one (as a (T, N) array: one contiguous row per tile, transposed by
-XLA). Before it overwrites its buffers a warpgroup waits for its previous copies to have read them. Split CTAs
-past V skip their stores. The contract is :func:`pallas_kernels.logits_chunk.logits_chunk`'s, so the
-three-pass path uses either kernel.
+XLA). Before it overwrites its buffers a warpgroup waits for its previous copies to have read them. The
+persistent grid's schedule fills one wave however few row blocks a chunk has. The contract is
+:func:`pallas_kernels.logits_chunk.logits_chunk`'s, so the three-pass path uses either kernel.
 """
 
 from __future__ import annotations
@@ -15,14 +15,8 @@ import functools
 
 import jax
 
-from pallas_kernels.mosaic_forward import MosaicForwardConfig, cdiv, merge_outputs, run_kernel
+from pallas_kernels.mosaic_forward import MosaicForwardConfig, merge_outputs, run_kernel
 from pallas_kernels.tiles import Problem
-
-
-def chunk_splits(n: int, v: int, cfg: MosaicForwardConfig, sms: int = 132) -> int:
-    """Vocabulary splits that fill one wave of ``sms`` CTAs (one per SM: the kernel's shared memory) for N
-    tokens: as many as fit, so no CTA waits for a second wave."""
-    return max(1, min(cdiv(v, cfg.tile_v), sms // cdiv(n, cfg.block_n)))
 
 
 @functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "interpret"))
@@ -43,7 +37,7 @@ def logits_chunk_mosaic(
     past V hold -inf. Needs N % block_n == 0 (the three-pass plan aligns its chunks). Every compute
     warpgroup writes each tile through SMEM with TMA while the next tile's operands stream in.
     """
-    lse, zt, zs, z_rel, m_t = run_kernel(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum, interpret=interpret,
-                                    debug=None, store=True)
-    lse, zt, zs = merge_outputs(lse, zt, zs, p, cfg)
+    sch, lse, zt, zs, z_rel, m_t = run_kernel(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum,
+                                              interpret=interpret, debug=None, store=True)
+    lse, zt, zs = merge_outputs(sch, lse, zt, zs, p, cfg)
     return z_rel, m_t.T, lse, zt, zs
