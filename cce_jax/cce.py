@@ -76,7 +76,7 @@ class KernelConfig:
         :func:`use_mosaic_forward`; the Triton forward elsewhere), ``"triton"`` or ``"mosaic"``. ``"mosaic"``
         here or in ``sparse_de_backend`` in interpret mode runs Mosaic GPU's interpreter, whose warpgroups block
         threads of XLA's CPU pool: with fewer than 8 cores set ``PJRT_NPROC=8`` before JAX starts, or it can
-        deadlock (tests/conftest.py).
+        deadlock (a ``RuntimeWarning`` says so; tests/conftest.py).
       mosaic: tiles of the Mosaic GPU forward (the fastest of ``python -m cce_jax.autotune --kernels mosaic``'s
         candidates on an H200 at the gemma2 and the llama3 shape, 2026-12-02: 3 stages, 13.22 / 11.67 ms
         against 14.62 / 12.47 with 4; benchmarks/runs/2026-12-02-h200-autotune-mosaic-*.json).

@@ -70,6 +70,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -521,14 +523,31 @@ def run_scoped(body, scratch: dict):
     pl.run_scoped(inner, **present, collective_axes="wg")
 
 
+# Threads of XLA's CPU pool the Mosaic GPU interpreter needs: the launch, two compute warpgroups and the memory
+# warpgroup can each block one while they wait on a barrier.
+INTERPRETER_THREADS = 8
+
+
+def cpu_pool_threads() -> int:
+    """Threads of XLA's CPU pool: ``PJRT_NPROC`` when set, else one per core."""
+    try:
+        return int(os.environ["PJRT_NPROC"])
+    except (KeyError, ValueError):
+        return os.cpu_count() or 1
+
+
 def interpret_params(interpret):
     """``plgpu.kernel``'s ``interpret`` argument from ours: True (the interpreter's defaults), False / None
-    (compiled) or the interpreter's parameters as given."""
-    if interpret is True:
-        return plgpu.InterpretGPUParams()
+    (compiled) or the interpreter's parameters as given. Warns when XLA's CPU pool is too small for the
+    interpreter, which can then deadlock (README, Development)."""
     if interpret is False or interpret is None:
         return None
-    return interpret
+    if cpu_pool_threads() < INTERPRETER_THREADS:
+        warnings.warn(
+            f"the Mosaic GPU interpreter can deadlock with {cpu_pool_threads()} threads in XLA's CPU pool: set "
+            f"PJRT_NPROC={INTERPRETER_THREADS} (or more) in the environment before JAX starts", RuntimeWarning,
+            stacklevel=3)
+    return plgpu.InterpretGPUParams() if interpret is True else interpret
 
 
 DEBUG_MODES = (None, "row_max", "matmul_only")

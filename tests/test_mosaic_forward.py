@@ -387,3 +387,17 @@ def test_persistent_schedule_rounds_splits_and_tails(layout, v):
     assert max(ms.num_segments(sch, p) for p in range(sch.grid)) == 3
     _run_and_check(300, 96, v, layout=layout, has_bias=True, softcap=5.0, cfg=cfg)
     _check_logits_chunk(320, 96, v, layout=layout, has_bias=True, cfg=cfg, need_sum=False)
+
+
+def test_interpreter_warns_when_the_cpu_pool_is_too_small(monkeypatch):
+    """With fewer than 8 threads in XLA's CPU pool the interpreter can deadlock (README, Development): say so."""
+    import warnings  # noqa: PLC0415
+
+    monkeypatch.setenv("PJRT_NPROC", "2")
+    with pytest.warns(RuntimeWarning, match="PJRT_NPROC=8"):
+        mf.interpret_params(True)
+    monkeypatch.setenv("PJRT_NPROC", "8")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mf.interpret_params(True) is not None
+        assert mf.interpret_params(False) is None
