@@ -10,8 +10,13 @@ set -u
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-out}
 mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv,noheader \
-  | tee "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.draw,power.limit,temperature.gpu \
+  --format=csv,noheader | tee "$OUT/gpu.txt"
+# SM clock, power and temperature every 200 ms while the steps run (a power-capped clock explains timing drift).
+nvidia-smi --query-gpu=timestamp,clocks.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+  --format=csv,noheader -lms 200 > "$OUT/clocks.csv" 2>&1 &
+CLOCKS_PID=$!
+trap 'kill $CLOCKS_PID 2>/dev/null' EXIT
 if [ -z "${SKIP_TESTS:-}" ]; then
   timeout "${TESTS_TIMEOUT:-300}" python3 -m pytest -v -x -p no:cacheprovider tests/test_gpu_kernels.py \
     ${TESTS_K:+-k "$TESTS_K"} > "$OUT/gpu_tests.log" 2>&1

@@ -51,6 +51,8 @@ MOSAIC_CFGS = {
     # The default: one CTA per SM on the persistent schedule (pallas_kernels/mosaic_schedule.py).
     "default": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2),
     "s4": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2),
+    "approx": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, approx_math=True),
+    "bd128-s2": M(block_n=128, block_v=128, block_d=128, stages=2, compute_wgs=2),
     # 128 CTAs: at N 8192 the schedule is then the grid of 2 vocabulary splits that was the default before.
     "grid128": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, ctas=128),
     # 7 CTAs at the check shape: a round of whole row blocks, then splits with tails.
@@ -237,7 +239,7 @@ def correctness(log, budget_s: float = 120.0):
     return out
 
 
-def timing(shapes, iters, cfg_names, log):
+def timing(shapes, iters, cfg_names, log, rounds=1):
     rows = []
     for shape_name in shapes:
         n, d, v = SHAPES[shape_name]
@@ -264,14 +266,32 @@ def timing(shapes, iters, cfg_names, log):
                 else (MOSAIC_CFGS[name], None)
             entries.append((f"mosaic {name}", lambda e, c, t, cfg=cfg, debug=debug: lse_forward_mosaic(
                 e, c, None, t, p=p, cfg=cfg, need_sum=False, interpret=INTERPRET, debug=debug)))
+        # Every entry is timed once per round, the rounds interleaved, so that a drift of the GPU's clock (power,
+        # temperature) over the run does not favour the entries timed first; ms is the median over the rounds.
+        per_round = {label: [] for label, _ in entries}
+        errors = {}
+        entries = [(label, jax.jit(fn)) for label, fn in entries]
+        for _ in range(rounds):
+            for label, fn in entries:
+                if label in errors:
+                    continue
+                row = timed_row({}, fn, e, c, t, iters=iters)
+                if "error" in row:
+                    errors[label] = row["error"]
+                else:
+                    per_round[label].append(row["ms"])
         xla_ms = None
-        for label, fn in entries:
-            row = timed_row(dict(shape=shape_name, impl=label), fn, e, c, t, iters=iters, flops=flops)
-            if "ms" in row:
+        for label, _ in entries:
+            row = dict(shape=shape_name, impl=label)
+            if label in errors:
+                row["error"] = errors[label]
+            else:
+                ms = float(np.median(per_round[label]))
+                row.update(ms=ms, tflops=flops / ms / 1e9, rounds_ms=[round(x, 3) for x in per_round[label]])
                 if label.startswith("xla fw"):
-                    xla_ms = row["ms"]
+                    xla_ms = ms
                 if xla_ms is not None:
-                    row["vs_xla_fw"] = row["ms"] / xla_ms
+                    row["vs_xla_fw"] = ms / xla_ms
             log(f"time {row}")
             rows.append(row)
         del e, c, t
@@ -282,6 +302,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=str, default=None)
     ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=1, help="timing rounds, interleaving the entries (median kept)")
     ap.add_argument("--shapes", type=str, default="gemma2,llama3")
     ap.add_argument("--configs", type=str, default=",".join(TIMED_CFGS),
                     help=f"comma-separated Mosaic configs to time, of {sorted(MOSAIC_CFGS) + sorted(DEBUG_TIMINGS)}")
@@ -305,7 +326,8 @@ def main():
               "triton_config": dataclasses.asdict(TRITON_CFG)}
     result["check"] = [] if args.skip_check else correctness(log)
     result["timing"] = [] if args.skip_timing else timing(
-        [s for s in args.shapes.split(",") if s], args.iters, [c for c in args.configs.split(",") if c], log)
+        [s for s in args.shapes.split(",") if s], args.iters, [c for c in args.configs.split(",") if c], log,
+        rounds=args.rounds)
 
     print("\n== correctness ==")
     for r in result["check"]:
@@ -332,7 +354,7 @@ def main():
     for r in result["timing"]:
         if "ms" in r:
             print(f"{r['shape']:<8} {r['impl']:<40} {r['ms']:8.2f} {r['tflops']:8.1f} "
-                  f"{r.get('vs_xla_fw', float('nan')):8.3f}")
+                  f"{r.get('vs_xla_fw', float('nan')):8.3f}  rounds {r['rounds_ms']}")
         else:
             print(f"{r['shape']:<8} {r['impl']:<40} ERROR {r['error'][:150]}")
     result["total_s"] = time.time() - t_start
