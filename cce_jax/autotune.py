@@ -55,10 +55,10 @@ BACKWARD_CANDIDATES = [
 ]
 
 # (block_d, stages) of 128 x 128 tiles with two compute warpgroups on the persistent grid (one CTA per SM). On an H200
-# (2026-12-02, the grid of 2 vocabulary splits before it) 3 stages beat 4 at both benchmark shapes.
+# 3 stages beat 4 at block_d 64 (2026-12-02), and block_d 128 in 2 stages beat both (2026-12-03).
 MOSAIC_FORWARD_CANDIDATES = [
     MosaicForwardConfig(block_n=128, block_v=128, block_d=bd, stages=st, compute_wgs=2)
-    for (bd, st) in [(64, 3), (64, 4), (32, 6)]
+    for (bd, st) in [(128, 2), (64, 3), (64, 4), (32, 6)]
 ]
 # (block_d, stages, async_wgmma) of 128 x 128 tiles with two compute warpgroups (the three-pass product tiles
 # subdivide block_v).

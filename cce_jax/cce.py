@@ -77,9 +77,9 @@ class KernelConfig:
         here or in ``sparse_de_backend`` in interpret mode runs Mosaic GPU's interpreter, whose warpgroups block
         threads of XLA's CPU pool: with fewer than 8 cores set ``PJRT_NPROC=8`` before JAX starts, or it can
         deadlock (a ``RuntimeWarning`` says so; tests/conftest.py).
-      mosaic: tiles of the Mosaic GPU forward (the fastest of ``python -m cce_jax.autotune --kernels mosaic``'s
-        candidates on an H200 at the gemma2 and the llama3 shape, 2026-12-02: 3 stages, 13.22 / 11.67 ms
-        against 14.62 / 12.47 with 4; benchmarks/runs/2026-12-02-h200-autotune-mosaic-*.json).
+      mosaic: tiles of the Mosaic GPU forward: 128 x 128 per compute warpgroup, block_d 128 in a 2-stage ring
+        (on an H200, 2026-12-03, six interleaved rounds on the persistent grid: 15.34 / 13.74 ms at the gemma2 /
+        llama3 shape against 15.89 / 13.91 with block_d 64 and 3 stages; benchmarks/results.md).
       mosaic_chunk: tiles of the Mosaic GPU logits-chunk kernel of the three-pass path (its tile stores take
         shared memory, hence fewer pipeline stages).
       sparse_de_backend: the block-sparse dE product of the three-pass path (a chunk with few live tiles):
@@ -100,7 +100,7 @@ class KernelConfig:
     chunk_dc: str = "sampled"
     sort_vocab: bool = False
     forward_backend: str = "auto"
-    mosaic: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3,
+    mosaic: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=2,
                                                       compute_wgs=2)
     mosaic_chunk: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3,
                                                             compute_wgs=2)

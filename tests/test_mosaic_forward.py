@@ -180,6 +180,8 @@ LOWER_CASES = [
     (1030, 1008, 50264, "vd", False, None, False, CFG),
     (1030, 1008, 50264, "vd", True, 30.0, True, CFG),
     (1030, 1008, 50272, "dv", True, 30.0, True, CFG),
+    (1030, 1008, 50264, "vd", True, 5.0, True,
+     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=2, compute_wgs=2)),
     (8192, 2304, 256000, "vd", False, None, True,
      mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2)),
     (8192, 4096, 128256, "vd", False, None, False,
@@ -401,3 +403,9 @@ def test_interpreter_warns_when_the_cpu_pool_is_too_small(monkeypatch):
         warnings.simplefilter("error")
         assert mf.interpret_params(True) is not None
         assert mf.interpret_params(False) is None
+
+
+def test_block_d_128_two_stages():
+    """The default tiles (block_d 128 in a 2-stage ring) with D = 200: one whole and one ragged slice of D."""
+    cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=2, compute_wgs=2)
+    _run_and_check(140, 200, 328, has_bias=True, softcap=5.0, cfg=cfg)
