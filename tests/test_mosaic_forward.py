@@ -406,6 +406,6 @@ def test_interpreter_warns_when_the_cpu_pool_is_too_small(monkeypatch):
 
 
 def test_block_d_128_two_stages():
-    """The default tiles (block_d 128 in a 2-stage ring) with D = 200: one whole and one ragged slice of D."""
+    """The default tiles (block_d 128 in a 2-stage ring) with D = 320: two whole slices of D and a ragged one."""
     cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=2, compute_wgs=2)
-    _run_and_check(140, 200, 328, has_bias=True, softcap=5.0, cfg=cfg)
+    _run_and_check(140, 320, 328, has_bias=True, softcap=5.0, cfg=cfg)
