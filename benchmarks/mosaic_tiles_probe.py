@@ -155,7 +155,7 @@ def main(argv=None):
             cfg = _cfg(CHUNK_CFGS[name])
             for store in (True, False):
                 def run(cfg=cfg, store=store):
-                    sch = mf.make_schedule(p_chunk, cfg, need_sum=False)
+                    sch = mf.make_schedule(p_chunk, cfg)
                     out = dict(smem=mf.smem_bytes(cfg, e.dtype, store), splits=sch.splits, tail=sch.tail)
                     if store:
                         out.update(check_chunk(e[:plan.chunk], c, t[:plan.chunk], p_chunk, cfg))

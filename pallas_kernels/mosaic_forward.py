@@ -563,7 +563,7 @@ def device_sms() -> int:
     return int(getattr(dev, "core_count", 0) or H200_SMS) if dev.platform == "gpu" else H200_SMS
 
 
-def make_schedule(p: Problem, cfg: MosaicForwardConfig, need_sum: bool) -> schedule.Schedule:
+def make_schedule(p: Problem, cfg: MosaicForwardConfig) -> schedule.Schedule:
     """The persistent grid's work assignment (:mod:`pallas_kernels.mosaic_schedule`) for this problem."""
     n_blocks = cdiv(p.n, cfg.block_n)
     max_slots = max(2, MERGE_BYTES // (n_blocks * cfg.block_n * 4))
@@ -584,7 +584,7 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
     if p.n % 8:
         # TMA copies of e are tiled in 8-row groups over the whole array: pad e (only e, never c) to 8k rows.
         e = jnp.pad(e, ((0, 8 - p.n % 8), (0, 0)))
-    sch = make_schedule(p, cfg, need_sum)
+    sch = make_schedule(p, cfg)
     kernel = functools.partial(_kernel, p=p, cfg=cfg, sch=sch, need_sum=need_sum, store=store, dtype=e.dtype,
                                bias_dtype=None if bias is None else bias.dtype, debug=debug)
     args = (e, c, targets) if bias is None else (e, c, bias, targets)

@@ -90,6 +90,11 @@ def _rem(a, b):
     return lax.rem(a, b) if isinstance(a, jax.Array) else a % b
 
 
+def _spare_index(sch: Schedule, p):
+    """Spare CTA ``p``'s index among the spare ones (0 for a main CTA, whose value goes unused)."""
+    return jnp.maximum(p - sch.main, 0) if isinstance(p, jax.Array) else max(p - sch.main, 0)
+
+
 def _select(pred, a, b):
     if isinstance(pred, jax.Array):
         return lax.select(pred, jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))
@@ -121,7 +126,7 @@ def num_segments(sch: Schedule, p):
         return sch.rounds
     if not sch.spare:
         return sch.rounds + _select(p < sch.main, 1, 0)
-    first, last = sch.items(jnp.maximum(p - sch.main, 0) if isinstance(p, jax.Array) else max(p - sch.main, 0))
+    first, last = sch.items(_spare_index(sch, p))
     return sch.rounds + _select(p < sch.main, 1, last - first)
 
 
@@ -131,8 +136,7 @@ def segment(sch: Schedule, p, q):
         return q * sch.ctas + p, 0, sch.tiles, 0
     is_main = p < sch.main
     if sch.spare:
-        r = jnp.maximum(p - sch.main, 0) if isinstance(p, jax.Array) else max(p - sch.main, 0)
-        item = _select(is_main, p, sch.items(r)[0] + q - sch.rounds)
+        item = _select(is_main, p, sch.items(_spare_index(sch, p))[0] + q - sch.rounds)
     else:
         item = p
     i, s = _rem(item, sch.rem), _div(item, sch.rem)

@@ -384,7 +384,7 @@ def test_persistent_schedule_rounds_splits_and_tails(layout, v):
     from pallas_kernels import mosaic_schedule as ms  # noqa: PLC0415
 
     cfg = dataclasses.replace(CFG, ctas=3)
-    sch = mf.make_schedule(Problem(n=300, d=96, v=v), cfg, need_sum=True)
+    sch = mf.make_schedule(Problem(n=300, d=96, v=v), cfg)
     assert (sch.rounds, sch.rem, sch.splits) == (1, 2, 1) and sch.tail > 0, sch
     assert max(ms.num_segments(sch, p) for p in range(sch.grid)) == 3
     _run_and_check(300, 96, v, layout=layout, has_bias=True, softcap=5.0, cfg=cfg)
