@@ -228,3 +228,8 @@ def test_config_round_trips_through_its_dict_form():
                               mosaic=MosaicForwardConfig(block_n=64, block_v=256, stages=3, compute_wgs=1),
                               mosaic_chunk=MosaicForwardConfig(block_n=128, block_v=64, stages=2))
     assert cce_lib.config_from_dict(json.loads(json.dumps(dataclasses.asdict(cfg)))) == cfg
+    # Tables saved before the persistent grid carry the Mosaic configs' vocabulary splits, now chosen per problem.
+    old = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    old["mosaic"]["v_splits"] = 2
+    old["mosaic"].pop("ctas")
+    assert cce_lib.config_from_dict(old) == cfg
