@@ -414,8 +414,9 @@ def test_reduction_none_per_token_cotangents(rng, impl, three_pass_calls):
 
 # The Mosaic GPU kernels (forced; in Mosaic GPU's interpreter) behind both paths: the three-pass logits chunk and
 # the one-pass forward of the recompute path. One compute warpgroup and small tiles keep the interpreter quick; the
-# two-warpgroup default is interpreted in tests/test_mosaic_forward.py.
-_MOSAIC_1WG = MosaicForwardConfig(block_n=64, block_v=64, block_d=16, stages=2, compute_wgs=1)
+# two-warpgroup default is interpreted in tests/test_mosaic_forward.py. Two CTAs: the recompute path's forward
+# (three row blocks) runs a round of whole row blocks and then splits, so a CTA has two segments.
+_MOSAIC_1WG = MosaicForwardConfig(block_n=64, block_v=64, block_d=16, stages=2, compute_wgs=1, ctas=2)
 MOSAIC_KERNELS = dataclasses.replace(KERNELS, forward_backend="mosaic", mosaic=_MOSAIC_1WG, mosaic_chunk=_MOSAIC_1WG)
 MOSAIC_BATCH, MOSAIC_D, MOSAIC_V = (3, 50), 48, 136  # D % 16, V % 8, N >= block_n; 3 chunks of 64, padded
 
