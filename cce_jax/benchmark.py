@@ -32,7 +32,12 @@ they would take longer than ``--row-seconds``) with the host wall clock around t
   reported per data set as the filter drop bound; at V 128k-256k in bf16 it is 2e-2 to 4e-2 for dE and
   2e-3 to 5e-3 for dC on ``flat`` and ``lm`` data, ~0 on ``peaked``).
 - ``det``: whether two calls of the same compiled function on the same inputs gave bit-identical outputs
-  (the measured call and the last timed call).
+  (the measured call and the last timed call of every round).
+
+``--rounds R`` makes each row's timed calls once per round, the rows of a data set interleaved (every row's
+calls of round 1, then of round 2, ...), and reports the median of all of them. A GPU that runs into its power
+limit (the H200 at these shapes) slows down as it heats, so rows timed one after the other see different
+clocks; interleaved rounds let every implementation see the same ones.
 
 Data recipes (all generated on the device with ``jax.random``, O(1)-scale, then cast to ``--dtype``):
 
@@ -350,16 +355,33 @@ class Worker:
                   f"{data.stats['entropy_mean']:.2f} nats (std {data.stats['entropy_std']:.2f}), top prob "
                   f"{data.stats['top_prob_mean']:.3f}, fraction of p >= eps {data.stats['frac_p_ge_eps']:.1e}")
         rows, outputs, indices = [], [], []
-        total = len(self.impls) * len(self.cfg["kinds"])
-        for impl in self.impls:
-            for kind in self.cfg["kinds"]:
-                row, out = self._run_row(base, data, impl, kind)
-                indices.append(self.emitted)
-                self.emitted += 1
-                emit({"type": "row", "index": indices[-1], **row})
-                _progress(f"[{len(rows) + 1}/{total}] {row_line(row)}")
-                rows.append(row)
-                outputs.append(out)
+        pairs = [(impl, kind) for impl in self.impls for kind in self.cfg["kinds"]]
+        rounds = self.cfg.get("rounds", 1)
+
+        def finish(run):
+            row, out = self._finish_row(run)
+            indices.append(self.emitted)
+            self.emitted += 1
+            emit({"type": "row", "index": indices[-1], **row})
+            _progress(f"[{len(rows) + 1}/{len(pairs)}] {row_line(row)}")
+            rows.append(row)
+            outputs.append(out)
+
+        runs = []
+        for impl, kind in pairs:
+            run = self._start_row(base, data, impl, kind)
+            self._time_row(run, data)
+            if rounds == 1:
+                finish(run)
+            else:
+                runs.append(run)
+        # Later rounds interleave the rows' timed calls, so that a drifting clock (a power-capped GPU heating up)
+        # weighs on every implementation alike.
+        for _ in range(rounds - 1):
+            for run in runs:
+                self._time_row(run, data)
+        for run in runs:
+            finish(run)
         # The reference is the group's largest computation: run last, the rows' ballast need not cover it.
         info = dict(base, **data.stats, ref_loss=None, drop_de=None, drop_dc=None, ref_error=None,
                     **self.device_info())
@@ -401,10 +423,13 @@ class Worker:
             raise self.compiled[key]
         return self.compiled[key]
 
-    def _run_row(self, base: dict, data: Data, impl: str, kind: str) -> tuple[dict, Any]:
+    def _start_row(self, base: dict, data: Data, impl: str, kind: str) -> dict:
+        """Compiles, warms up and makes the memory-measured call of one row; the timed calls come later
+        (:meth:`_time_row`, once per round)."""
         row = _new_row(base, impl, kind)
+        run = {"row": row, "compiled": None, "first": None, "once": None, "times": [], "det": True}
         args = (data.e, data.c, data.targets)
-        first = last = ballast = None
+        ballast = None
         try:
             compiled = self._compile(base, data, impl, kind)
             analysis = compiled.memory_analysis()
@@ -422,40 +447,63 @@ class Worker:
                 before = _memory_stats(self.device) if ballast is not None else None
             start = time.perf_counter()
             try:
-                first = jax.block_until_ready(compiled(*args))
+                run["first"] = jax.block_until_ready(compiled(*args))
             except Exception as exc:  # noqa: BLE001
                 if ballast is None or not _is_oom(exc):
                     raise
                 ballast = before = None  # the ballast took the room the call needed: run without it
                 gc.collect()
                 start = time.perf_counter()
-                first = jax.block_until_ready(compiled(*args))
-            once = time.perf_counter() - start
+                run["first"] = jax.block_until_ready(compiled(*args))
+            run["once"] = time.perf_counter() - start
             if key not in self.peaks:
                 after = _memory_stats(self.device) if before is not None else None
                 self.peaks[key] = None if after is None else (
                     max(after["peak_bytes_in_use"] - before["bytes_in_use"], 0) / _MIB)
             row["peak_mb"] = self.peaks[key]
-            ballast = None
-            times = []
-            for _ in range(_iterations(self.cfg, once)):
-                last = None
-                start = time.perf_counter()
-                last = jax.block_until_ready(compiled(*args))
-                times.append((time.perf_counter() - start) * 1e3)
-            row["times_ms"] = times
-            row["median_ms"] = float(np.median(times))
-            row["min_ms"] = float(np.min(times))
-            row["det"] = bool(_bits_equal(first, last))
-            row["loss"] = float(first if kind == "fw" else first[0])
-            out, first = first, None
-            return row, out
+            run["compiled"] = compiled
         except Exception as exc:  # noqa: BLE001  (one failing implementation must not stop the run)
             row.update(status="error", error=_error_text(exc))
-            return row, None
+            run["first"] = None
         finally:
-            first = last = ballast = None
+            ballast = None
             gc.collect()
+        return run
+
+    def _time_row(self, run: dict, data: Data) -> None:
+        """One round of a row's timed calls (``--iters``, fewer when slow: :func:`_iterations`); the round's
+        last output must equal the measured call's bit for bit (``det``)."""
+        if run["compiled"] is None:
+            return
+        args = (data.e, data.c, data.targets)
+        last = None
+        try:
+            for _ in range(_iterations(self.cfg, run["once"])):
+                last = None
+                start = time.perf_counter()
+                last = jax.block_until_ready(run["compiled"](*args))
+                run["times"].append((time.perf_counter() - start) * 1e3)
+            run["det"] = run["det"] and bool(_bits_equal(run["first"], last))
+        except Exception as exc:  # noqa: BLE001
+            run["row"].update(status="error", error=_error_text(exc))
+            run["compiled"] = run["first"] = None
+        finally:
+            last = None
+            gc.collect()
+
+    def _finish_row(self, run: dict) -> tuple[dict, Any]:
+        """The row's timing, determinism and loss, and its first output (for the check), or an error row."""
+        row, first = run["row"], run["first"]
+        run.update(compiled=None, first=None)
+        if row["status"] != "ok" or first is None:
+            return row, None
+        times = run["times"]
+        row["times_ms"] = times
+        row["median_ms"] = float(np.median(times))
+        row["min_ms"] = float(np.min(times))
+        row["det"] = run["det"]
+        row["loss"] = float(first if row["kind"] == "fw" else first[0])
+        return row, first
 
 
 def _progress(message: str) -> None:
@@ -520,6 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--row-seconds", type=float, default=30.0,
                    help="time budget of a row's timed calls: fewer than --iters (at least 3) are made when one "
                         "call is slower than budget / iters (default 30)")
+    p.add_argument("--rounds", type=_positive("--rounds"), default=1,
+                   help="timing rounds per data set: each row makes its timed calls once per round, the rows "
+                        "interleaved, and reports the median of all of them, so that a GPU whose clock drifts as it "
+                        "heats (a power cap) treats every implementation alike (default 1)")
     p.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
     p.add_argument("--json", metavar="PATH",
                    help="write results and metadata as JSON (rewritten after each shape; meanwhile a shape's rows "
@@ -553,6 +605,7 @@ def _resolve(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
         "seed": args.seed,
         "row_seconds": args.row_seconds,
+        "rounds": args.rounds,
     }
 
 
@@ -586,10 +639,12 @@ def _metadata(cfg: dict, argv: Sequence[str], isolate: bool) -> dict:
         "command": " ".join(["python -m cce_jax.benchmark", shlex.join(argv)]).strip(),
         "dtype": cfg["dtype"],
         "iters": cfg["iters"],
+        "rounds": cfg.get("rounds", 1),
         "warmup": cfg["warmup"],
         "seed": cfg["seed"],
         "isolate": isolate,
-        "timing": "host wall clock around the compiled call and block_until_ready; median of iters",
+        "timing": "host wall clock around the compiled call and block_until_ready; median of iters (of iters per "
+                  "round over all rounds, the rows of a data set interleaved round by round, with rounds > 1)",
         "memory": "temp_mb: compiled temp_size_in_bytes; peak_mb: device peak above the pre-row bytes in use, "
                   "first call, outputs included (ballast-filled allocator)",
         "reference": "float32 dense computation at Precision.HIGHEST, independent of cce_jax",

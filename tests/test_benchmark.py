@@ -155,6 +155,29 @@ def test_command_runs_checks_and_writes_results(tmp_path, capsys):
     assert md.count("\n| 72x40x131 |") == len(rows) and meta["command"] in md
 
 
+def test_rounds_interleave_the_rows(tmp_path, monkeypatch):
+    """``--rounds 3``: every row makes its timed calls once per round, the rows of a data set in turn, and reports
+    the median of all of them."""
+    order = []
+    time_row = benchmark.Worker._time_row
+
+    def spy(self, run, data):
+        order.append(run["row"]["impl"])
+        return time_row(self, run, data)
+
+    monkeypatch.setattr(benchmark.Worker, "_time_row", spy)
+    out_json = tmp_path / "r.json"
+    argv = [*SHAPE_ARGS, "--impl", "xla,baseline", "--kind", "fw", "--data", "flat", "--iters", "2", "--warmup", "1",
+            "--rounds", "3", "--no-isolate", "--json", str(out_json)]
+    assert benchmark.main(argv) == 0
+    assert order == ["xla", "baseline"] * 3
+    report = json.loads(out_json.read_text())
+    assert report["metadata"]["rounds"] == 3
+    for r in report["results"]:
+        assert r["status"] == "ok" and r["ok"] is True and r["det"] is True, r
+        assert len(r["times_ms"]) == 6 and r["median_ms"] == np.median(r["times_ms"])
+
+
 def _wrong_loss(e, c, targets):
     """Right gradient direction, 3% too large, and a loss 1e-3 too high: both must be caught."""
     loss = benchmark.baseline_f32_loss(e, c, targets)
@@ -238,7 +261,8 @@ def test_ballast_sizes_fill_the_gap(gap):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--impl", "nope"], ["--data", "flat,zipf"], ["--n", "8", "--d", "4"], ["--kind", "bw"], ["--iters", "0"]],
+    [["--impl", "nope"], ["--data", "flat,zipf"], ["--n", "8", "--d", "4"], ["--kind", "bw"], ["--iters", "0"],
+     ["--rounds", "0"]],
 )
 def test_bad_arguments_are_rejected(argv):
     with pytest.raises(SystemExit):
