@@ -343,8 +343,8 @@ class ChunkLogits:
 
         p = three_pass.problem(e_k.shape[0], e_k.shape[1], self.spec.vocab_size(c), self.spec, bias is not None)
         if use_mosaic_logits(e_k, c, bias, p, self.config, self.interpret):
-            return logits_chunk_mosaic(e_k, c, bias, t_k, p=p, cfg=self.config.mosaic_chunk, need_sum=self.spec.need_sum,
-                                       interpret=self.interpret)
+            return logits_chunk_mosaic(e_k, c, bias, t_k, p=p, cfg=self.config.mosaic_chunk,
+                                       need_sum=self.spec.need_sum, interpret=self.interpret)
         return logits_chunk(e_k, c, bias, t_k, p=p, cfg=self.config.forward, need_sum=self.spec.need_sum,
                             interpret=self.interpret)
 

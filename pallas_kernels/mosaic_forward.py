@@ -542,9 +542,10 @@ def interpret_params(interpret):
     interpreter, which can then deadlock (README, Development)."""
     if interpret is False or interpret is None:
         return None
-    if cpu_pool_threads() < INTERPRETER_THREADS:
+    threads = cpu_pool_threads()
+    if threads < INTERPRETER_THREADS:
         warnings.warn(
-            f"the Mosaic GPU interpreter can deadlock with {cpu_pool_threads()} threads in XLA's CPU pool: set "
+            f"the Mosaic GPU interpreter can deadlock with {threads} threads in XLA's CPU pool: set "
             f"PJRT_NPROC={INTERPRETER_THREADS} (or more) in the environment before JAX starts", RuntimeWarning,
             stacklevel=3)
     return plgpu.InterpretGPUParams() if interpret is True else interpret
