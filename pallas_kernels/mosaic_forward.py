@@ -30,6 +30,18 @@ Grid and block layout
   ``4 * slots * N_pad`` bytes per output (lse, target logit, and the sum of logits only with ``need_sum``); 4
   slots, 256 KB, at N 8192 on an H200.
 
+Clusters
+--------
+With ``cluster=2`` the schedule's unit is a pair of adjacent row blocks (``2 * block_n`` tokens) and each unit is
+run by a cluster of two CTAs, CTA ``r`` of the cluster on row block ``2 * unit + r``, over the same segments. The
+memory warpgroups issue each ``c`` tile as a multicast copy: each CTA reads half of it and the TMA unit writes
+it into both CTAs' SMEM, so the classifier crosses from L2 once per cluster instead of once per CTA (at llama3
+with 128 x 256 CTA tiles the L2 reads fall by a third). A slot may then be refilled only once the compute
+warpgroups of *both* CTAs have read it: "consumed" is a cluster barrier (each compute warpgroup arrives on it in
+both CTAs). With an odd number of row blocks the last cluster's second CTA repeats the last row block's loads
+(it must take part in the multicast) and writes its statistics into the padding of the partial outputs, which
+the merge drops.
+
 Output stores
 -------------
 Pallas lowers ``copy_smem_to_gmem`` with ``OOBFillMode.UNDEFINED``, and Mosaic GPU turns a contiguous,
@@ -97,6 +109,9 @@ class MosaicForwardConfig:
       compute_wgs: compute warpgroups per CTA (1 or 2), each with its own block_v columns of the CTA tile.
       ctas: CTAs of the persistent grid (:mod:`pallas_kernels.mosaic_schedule`); None: one per SM of the GPU
         (132 without a GPU), a single wave.
+      cluster: CTAs per cluster (1 or 2). With 2, the CTAs of a cluster take adjacent row blocks over the same
+        vocabulary tiles, and each classifier tile is read from L2 once per cluster, half by each CTA and
+        multicast into both (module docstring, "Clusters"); ``ctas`` is then rounded down to a multiple of 2.
       approx_math: approximate exp/log/tanh (MUFU); exp2/log stay accurate to ~1e-6 relative, tanh to ~1e-3.
       async_wgmma: keep one wgmma in flight while the next is issued (each slot is released one step later, so
         the ring holds one fewer step in flight: give it a stage more). Off by default: with two compute
@@ -110,6 +125,7 @@ class MosaicForwardConfig:
     stages: int = 4
     compute_wgs: int = 2
     ctas: int | None = None
+    cluster: int = 1
     approx_math: bool = False
     async_wgmma: bool = False
 
@@ -124,8 +140,10 @@ class MosaicForwardConfig:
             raise ValueError(f"stages={self.stages} must be at least 2")
         if self.compute_wgs not in (1, 2):
             raise ValueError(f"compute_wgs={self.compute_wgs} must be 1 or 2")
-        if self.ctas is not None and self.ctas < 1:
-            raise ValueError(f"ctas={self.ctas} must be None or at least 1")
+        if self.cluster not in (1, 2):
+            raise ValueError(f"cluster={self.cluster} must be 1 or 2")
+        if self.ctas is not None and self.ctas < self.cluster:
+            raise ValueError(f"ctas={self.ctas} must be None or at least cluster={self.cluster}")
 
     @property
     def tile_v(self) -> int:
@@ -224,9 +242,9 @@ def check_supported(e: jax.Array, c: jax.Array, p: Problem, cfg: MosaicForwardCo
         raise NotImplementedError(
             f"arrays smaller than one tile: N={p.n} < {cfg.block_n}, D={p.d} < {cfg.block_d} or "
             f"V={p.v} < {cfg.tile_v}")
-    if store and p.n % cfg.block_n:
-        raise NotImplementedError(f"the logits-chunk kernel needs N % block_n == 0, got N={p.n}, "
-                                  f"block_n={cfg.block_n}")
+    if store and p.n % (cfg.block_n * cfg.cluster):
+        raise NotImplementedError(f"the logits-chunk kernel needs N % (block_n * cluster) == 0 (no phantom row "
+                                  f"blocks), got N={p.n}, block_n={cfg.block_n}, cluster={cfg.cluster}")
     if smem_bytes(cfg, e.dtype, store) > SMEM_BYTES:
         raise NotImplementedError(f"config {cfg} needs {smem_bytes(cfg, e.dtype, store)} bytes of shared memory "
                                   f"per CTA, more than {SMEM_BYTES}")
@@ -258,7 +276,8 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
     z_ref, m_ref = refs if store else (None, None)
     out_refs = [r for r in (lse_ref, zt_ref, zs_ref) if r is not None]
 
-    bn, bv, bd, S, cw = cfg.block_n, cfg.block_v, cfg.block_d, cfg.stages, cfg.compute_wgs
+    bn, bv, bd, S, cw, cl = cfg.block_n, cfg.block_v, cfg.block_d, cfg.stages, cfg.compute_wgs, cfg.cluster
+    n_blocks = cdiv(p.n, bn)
     W = cfg.tile_v
     kd = cdiv(p.d, bd)
     n_full = p.v // W  # tiles entirely below V skip the column mask
@@ -278,7 +297,8 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
         out_smem=plgpu.SMEM((len(out_refs), bn), jnp.float32),
         b_smem=plgpu.SMEM((2, cw, bv), bias_dtype) if p.has_bias else None,
         loaded=plgpu.Barrier(num_arrivals=1 + cw, num_barriers=S),  # e tile + one c tile per warpgroup
-        consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=S),
+        consumed=(plgpu.Barrier(num_arrivals=cw, num_barriers=S) if cl == 1 else
+                  plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=cw, num_barriers=S)),
         t_bar=plgpu.Barrier(num_barriers=2),
         t_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2),
         b_bar=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
@@ -292,21 +312,23 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
     def body(e_smem, c_smem, t_smem, stat_smem, out_smem, b_smem, loaded, consumed, t_bar, t_consumed, b_bar,
              b_consumed, merge_bar, merge_free, z_smem, m_smem):
         wg = lax.axis_index("wg")
-        cta = lax.axis_index("cta")
+        cta = lax.axis_index("cta")  # the cluster's index in the grid (a CTA's own without clusters)
+        rank = lax.axis_index("cluster") if cl > 1 else 0
         n_seg = jnp.asarray(schedule.num_segments(sch, cta), jnp.int32)
 
         def segments(fn):
-            """Runs ``fn(q, row, first, end, slot, lt) -> lt`` over this CTA's segments; ``lt`` counts the CTA's
-            tiles (the pipeline's step ``lt * kd + k`` picks the ring slot and its phase)."""
+            """Runs ``fn(q, row, first, end, slot, lt) -> lt`` over this CTA's segments (``row``: its own row
+            block in the cluster's unit); ``lt`` counts the CTA's tiles (the pipeline's step ``lt * kd + k``
+            picks the ring slot and its phase)."""
             def seg(q, lt):
-                row, first, end, slot = (jnp.asarray(x, jnp.int32) for x in schedule.segment(sch, cta, q))
-                return fn(q, row, first, end, slot, lt)
+                unit, first, end, slot = (jnp.asarray(x, jnp.int32) for x in schedule.segment(sch, cta, q))
+                return fn(q, unit * cl + rank, first, end, slot, lt)
 
             return lax.fori_loop(0, n_seg, seg, jnp.int32(0))
 
         # ---------------- memory warpgroup: TMA producer ----------------
         def load_segment(q, row, first, end, slot, lt):
-            n0 = row * bn
+            n0 = jnp.minimum(row, n_blocks - 1) * bn  # a cluster's phantom row block (module docstring) repeats
             t_slot = lax.rem(q, 2)
 
             @pl.when(q >= 2)
@@ -342,7 +364,8 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                             src = c_ref.at[pl.ds(v0 + w * bv, bv), pl.ds(k * bd, bd)]
                         else:
                             src = c_ref.at[pl.ds(k * bd, bd), pl.ds(v0 + w * bv, bv)]
-                        plgpu.copy_gmem_to_smem(src, c_smem.at[s, w], loaded.at[s])
+                        plgpu.copy_gmem_to_smem(src, c_smem.at[s, w], loaded.at[s],
+                                                collective_axes="cluster" if cl > 1 else None)
                     return carry
 
                 lax.fori_loop(0, kd, k_step, None)
@@ -565,10 +588,16 @@ def device_sms() -> int:
 
 
 def make_schedule(p: Problem, cfg: MosaicForwardConfig) -> schedule.Schedule:
-    """The persistent grid's work assignment (:mod:`pallas_kernels.mosaic_schedule`) for this problem."""
-    n_blocks = cdiv(p.n, cfg.block_n)
-    max_slots = max(2, MERGE_BYTES // (n_blocks * cfg.block_n * 4))
-    return schedule.make(n_blocks, cdiv(p.v, cfg.tile_v), cfg.ctas or device_sms(), max_slots)
+    """The persistent grid's work assignment (:mod:`pallas_kernels.mosaic_schedule`) for this problem: its rows
+    are the clusters' units of ``cfg.cluster`` row blocks, its CTAs the clusters."""
+    units = cdiv(p.n, unit_rows(cfg))
+    max_slots = max(2, MERGE_BYTES // (units * unit_rows(cfg) * 4))
+    return schedule.make(units, cdiv(p.v, cfg.tile_v), (cfg.ctas or device_sms()) // cfg.cluster, max_slots)
+
+
+def unit_rows(cfg: MosaicForwardConfig) -> int:
+    """Tokens of one schedule unit: the row blocks of one cluster."""
+    return cfg.block_n * cfg.cluster
 
 
 def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, need_sum: bool, interpret, debug,
@@ -591,7 +620,7 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
     args = (e, c, targets) if bias is None else (e, c, bias, targets)
     # Whole row blocks only: a store into an (N,) array would be a bulk copy clamped to 4 * (N % block_n) bytes
     # for the last block, undefined unless a multiple of 16 (module docstring, "Output stores").
-    out = jax.ShapeDtypeStruct((sch.slots, sch.row_blocks * cfg.block_n), jnp.float32)
+    out = jax.ShapeDtypeStruct((sch.slots, sch.row_blocks * unit_rows(cfg)), jnp.float32)
     out_type = [out] * (3 if need_sum else 2)
     if store:
         out_type += [jax.ShapeDtypeStruct((p.n, sch.tiles * cfg.tile_v), e.dtype),
@@ -601,6 +630,7 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
         out_type=tuple(out_type),
         grid=(sch.grid,),
         grid_names=("cta",),
+        **(dict(cluster=(cfg.cluster,), cluster_names=("cluster",)) if cfg.cluster > 1 else {}),
         num_threads=cfg.compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=cfg.approx_math),
@@ -615,7 +645,8 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
 
 def merge_outputs(sch: schedule.Schedule, lse, zt, zs, p: Problem, cfg: MosaicForwardConfig, debug=None):
     """(N,) ``(lse, target_logit, sum_logits)`` from the kernel's partials (``sum_logits`` zeros when None)."""
-    lse, zt, zs = schedule.merge(sch, cfg.block_n, p.n, lse, zt, zs, row_max=debug in ("row_max", "matmul_only"))
+    lse, zt, zs = schedule.merge(sch, unit_rows(cfg), p.n, lse, zt, zs,
+                                 row_max=debug in ("row_max", "matmul_only"))
     return lse, zt, jnp.zeros_like(zt) if zs is None else zs
 
 

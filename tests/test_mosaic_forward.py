@@ -102,7 +102,11 @@ def test_softcap_only_fp16():
     dataclasses.replace(CFG, block_n=128, block_d=32, stages=4),
     dataclasses.replace(CFG, async_wgmma=True, stages=4),
     dataclasses.replace(CFG, async_wgmma=True, stages=2, compute_wgs=1),  # the slot released late is the ring
-], ids=["1wg", "bv64-s2", "ctas2", "ctas4-1wg", "bn128-bd32", "async", "async-s2-1wg"])
+    # Clusters of two CTAs: 3 row blocks make 2 units, the second with a phantom row block; on 2 clusters a round
+    # of whole units; on 3 clusters (ctas 7 rounds down to 6) the units split in two, tails on the third.
+    dataclasses.replace(CFG, cluster=2, ctas=4),
+    dataclasses.replace(CFG, cluster=2, ctas=7, compute_wgs=1),
+], ids=["1wg", "bv64-s2", "ctas2", "ctas4-1wg", "bn128-bd32", "async", "async-s2-1wg", "cluster2", "cluster2-tails"])
 def test_configs(cfg):
     _run_and_check(140, 96, 328, has_bias=True, softcap=5.0, cfg=cfg)
 
@@ -152,7 +156,8 @@ def test_unsupported_raise(kwargs, match):
 
 
 def test_config_validation():
-    for bad in (dict(block_n=96), dict(block_v=512), dict(stages=1), dict(compute_wgs=3), dict(ctas=0)):
+    for bad in (dict(block_n=96), dict(block_v=512), dict(stages=1), dict(compute_wgs=3), dict(ctas=0),
+                dict(cluster=3), dict(cluster=2, ctas=1)):
         with pytest.raises(ValueError):
             mf.MosaicForwardConfig(**bad)
 
@@ -190,10 +195,16 @@ LOWER_CASES = [
      mf.MosaicForwardConfig(block_n=64, block_v=256, block_d=64, stages=3, compute_wgs=2, approx_math=True)),
     (8192, 2304, 256000, "vd", False, None, True,
      mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=32, stages=8, compute_wgs=2, async_wgmma=True)),
+    # Clusters of two CTAs: multicast classifier tiles, a cluster-wide "consumed" barrier.
+    (8192, 4096, 128256, "vd", False, None, False,
+     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=2, compute_wgs=2, cluster=2)),
+    (1030, 1008, 50272, "dv", True, 30.0, True,
+     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, cluster=2)),
 ]
 
 
-@pytest.mark.parametrize("case", LOWER_CASES, ids=lambda c: f"{c[3]}-{c[0]}x{c[1]}x{c[2]}-b{int(c[4])}")
+@pytest.mark.parametrize("case", LOWER_CASES,
+                         ids=lambda c: f"{c[3]}-{c[0]}x{c[1]}x{c[2]}-b{int(c[4])}-cl{c[7].cluster}")
 def test_lowers_for_h200(case):
     n, d, v, layout, has_bias, cap, need_sum, cfg = case
     p = Problem(n=n, d=d, v=v, layout=layout, softcap=cap, has_bias=has_bias)
@@ -357,8 +368,19 @@ def test_logits_chunk_configs(cfg):
 def test_logits_chunk_needs_whole_row_blocks():
     p = Problem(n=70, d=80, v=328)
     e, c, _, t = _inputs(70, 80, 328, "vd", jnp.bfloat16, False)
-    with pytest.raises(NotImplementedError, match="N % block_n"):
+    with pytest.raises(NotImplementedError, match="N % \\(block_n \\* cluster\\)"):
         mlc.logits_chunk_mosaic(e, c, None, t, p=p, cfg=CFG, need_sum=False, interpret=True)
+    # With clusters of two CTAs the units of two row blocks must be whole too (no phantom row block's stores).
+    p = Problem(n=192, d=80, v=328)
+    e, c, _, t = _inputs(192, 80, 328, "vd", jnp.bfloat16, False)
+    with pytest.raises(NotImplementedError, match="cluster=2"):
+        mlc.logits_chunk_mosaic(e, c, None, t, p=p, cfg=dataclasses.replace(CFG, cluster=2), need_sum=False,
+                                interpret=True)
+
+
+def test_logits_chunk_clusters():
+    """Clusters of two CTAs (4 row blocks, 2 units) on 3 clusters: the units split in two, tails on the third."""
+    _check_logits_chunk(256, 96, 328, has_bias=True, softcap=3.0, cfg=dataclasses.replace(CFG, cluster=2, ctas=6))
 
 
 @pytest.mark.parametrize("layout,bias,cap,extra", [("vd", False, None, {}), ("dv", True, 30.0, {}),

@@ -81,3 +81,20 @@ def test_merge_against_float64():
 def test_make_validates():
     with pytest.raises(ValueError, match="ctas=0"):
         ms.make(4, 4, 0, 4)
+
+
+@pytest.mark.parametrize("n,cluster,expect", [
+    (8192, 1, (64, 132)),  # 64 row blocks of 128 tokens on 132 CTAs
+    (8192, 2, (32, 66)),  # clusters of two CTAs: 32 units of two row blocks on 66 clusters
+    (1030, 2, (5, 66)),  # 9 row blocks: the fifth unit's second row block is a phantom
+])
+def test_clusters_schedule_units_of_row_blocks(n, cluster, expect):
+    """With clusters the schedule's rows are units of ``cluster`` row blocks and its CTAs are the clusters; the
+    partial outputs cover every unit's rows, so the merge (by ``unit_rows``) reads each token's own slots."""
+    from pallas_kernels import mosaic_forward as mf  # noqa: PLC0415
+    from pallas_kernels.tiles import Problem  # noqa: PLC0415
+
+    cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=2, cluster=cluster, ctas=132)
+    sch = mf.make_schedule(Problem(n=n, d=4096, v=128256), cfg)
+    assert (sch.row_blocks, sch.ctas) == expect
+    assert sch.row_blocks * mf.unit_rows(cfg) >= n > (sch.row_blocks - 1) * mf.unit_rows(cfg)
