@@ -37,6 +37,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from cce_jax.autotune import timed_row  # noqa: E402
+from cce_jax.cce import KernelConfig  # noqa: E402
 from pallas_kernels.lse_forward import ForwardConfig, lse_forward  # noqa: E402
 from pallas_kernels.mosaic_forward import MosaicForwardConfig, lse_forward_mosaic  # noqa: E402
 from pallas_kernels.tiles import Problem  # noqa: E402
@@ -48,8 +49,14 @@ MOSAIC_CFGS = {
     "n64-v128x2-s4": M(block_n=64, block_v=128, block_d=64, stages=4, compute_wgs=2),
     "n64-v256x1-s4": M(block_n=64, block_v=256, block_d=64, stages=4, compute_wgs=1),
     "n128-v128x1-s4": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=1),
-    # The default: one CTA per SM on the persistent schedule (pallas_kernels/mosaic_schedule.py).
-    "default": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2),
+    # The library's default (KernelConfig().mosaic): one CTA per SM on the persistent schedule
+    # (pallas_kernels/mosaic_schedule.py), block_d 128 in 2 stages.
+    "default": KernelConfig().mosaic,
+    "bd64-s3": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2),
+    # Clusters of two CTAs on adjacent row blocks, the classifier tiles multicast (half read by each CTA).
+    "cl2": dataclasses.replace(KernelConfig().mosaic, cluster=2),
+    "cl2-bd64-s3": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, cluster=2),
+    "cl2-ctas7": dataclasses.replace(KernelConfig().mosaic, cluster=2, ctas=7),
     "s4": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2),
     "approx": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, approx_math=True),
     "bd128-s2": M(block_n=128, block_v=128, block_d=128, stages=2, compute_wgs=2),
@@ -59,11 +66,12 @@ MOSAIC_CFGS = {
     "ctas7": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, ctas=7),
 }
 # Timed with a debug mode: (config, debug). "matmul_only" leaves out the epilogue but the row max (its cost).
-DEBUG_TIMINGS = {"default-matmul-only": ("default", "matmul_only"), "grid128-matmul-only": ("grid128", "matmul_only")}
-TIMED_CFGS = ["default", "grid128", "s4", "default-matmul-only", "grid128-matmul-only"]
-CHECK_CFGS = ["n64-v128x2-s4", "n128-v128x1-s4", "ctas7", "default"]
+DEBUG_TIMINGS = {"default-matmul-only": ("default", "matmul_only"), "grid128-matmul-only": ("grid128", "matmul_only"),
+                 "cl2-matmul-only": ("cl2", "matmul_only")}
+TIMED_CFGS = ["default", "cl2", "bd64-s3", "default-matmul-only", "cl2-matmul-only"]
+CHECK_CFGS = ["n64-v128x2-s4", "n128-v128x1-s4", "ctas7", "default", "cl2", "cl2-ctas7"]
 CHECK_SHAPE = (1030, 1008, {"vd": 50264, "dv": 50272})
-TINY_SHAPE = (128, 64, 512)
+TINY_SHAPE = (128, 128, 512)
 # Tiny-shape configs: the default has one row block, n64-v256x1 two vocabulary tiles.
 TINY_CFGS = ["n64-v128x2-s4", "n64-v256x1-s4", "default"]
 TOL = 1e-3
@@ -226,7 +234,7 @@ def correctness(log, budget_s: float = 120.0):
     # 2) The ragged check shape (as in the first run).
     for layout, v in vs.items():
         for has_bias, cap, need_sum in ((False, None, False), (True, 30.0, True), (False, 5.0, True)):
-            for name in CHECK_CFGS if (has_bias and layout == "vd") else [CHECK_CFGS[0], "default"]:
+            for name in CHECK_CFGS if (has_bias and layout == "vd") else [CHECK_CFGS[0], "default", "cl2"]:
                 out.append(check_case(layout, n, d, v, has_bias, cap, need_sum, name, label="ragged",
                                       diagnose=time.time() - t0 < budget_s, log=log))
     # 3) N a multiple of block_n.
@@ -313,7 +321,7 @@ def main():
     if args.smoke:
         global INTERPRET, CHECK_SHAPE
         global TINY_SHAPE
-        INTERPRET, CHECK_SHAPE, TINY_SHAPE = True, (130, 112, {"vd": 520, "dv": 528}), (128, 64, 512)
+        INTERPRET, CHECK_SHAPE, TINY_SHAPE = True, (270, 272, {"vd": 520, "dv": 528}), (128, 128, 512)
         SHAPES.update(gemma2=(128, 128, 1024), llama3=(128, 256, 1024))
     t_start = time.time()
 
