@@ -34,12 +34,12 @@ import time
 import jax
 import jax.numpy as jnp
 
-from cce_jax import api, benchmark, cce, three_pass
+from cce_jax import api, bench_data, bench_impls, benchmark, cce, three_pass
 
 
 def loss_fn(variant: str, d: int, grad_bytes: int):
     if variant == "baseline":
-        return benchmark.baseline_loss
+        return bench_impls.baseline_loss
     kw: dict = {}
     if variant in ("cce", "cce_exact", "xla"):
         kw = dict(impl=variant)
@@ -131,7 +131,7 @@ def main(argv=None):
         n, d, v = benchmark.SHAPES[shape]
         grad_bytes = 2 * (n * d + v * d)
         for recipe in args.data.split(","):
-            data = benchmark.make_data(recipe, n, d, v, "bf16", seed=0)
+            data = bench_data.make_data(recipe, n, d, v, "bf16", seed=0)
             ops = (data.e, data.c, data.targets)
             for variant in args.variant.split(","):
                 row = dict(shape=shape, data=recipe, variant=variant, kind=args.kind)

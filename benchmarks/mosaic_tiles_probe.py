@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax import lax  # noqa: E402
 
-from cce_jax import api, benchmark, cce, three_pass  # noqa: E402
+from cce_jax import api, bench_data, bench_impls, benchmark, cce, three_pass  # noqa: E402
 from cce_jax.autotune import median_ms  # noqa: E402
 from cce_jax.stats import LogitSpec  # noqa: E402
 from pallas_kernels import mosaic_forward as mf  # noqa: E402
@@ -139,7 +139,7 @@ def main(argv=None):
     fwbw_names = chunk_names if not args.fwbw else [x for x in args.fwbw.split(",") if x]
     for shape in args.shape.split(","):
         n, d, v = shapes[shape]
-        data = benchmark.make_data(args.data, n, d, v, "bf16", seed=0)
+        data = bench_data.make_data(args.data, n, d, v, "bf16", seed=0)
         e, c, t = data.e, data.c, data.targets
         flops = 2.0 * n * d * v
         base = cce.default_config(d, e.dtype)
@@ -168,7 +168,7 @@ def main(argv=None):
         for name in ["baseline"] + fwbw_names:
             def run(name=name):
                 if name == "baseline":
-                    loss = benchmark.baseline_loss
+                    loss = bench_impls.baseline_loss
                 else:
                     impl = dataclasses.replace(base, mosaic_chunk=_cfg(CHUNK_CFGS[name]))
                     loss = lambda e, c, t, impl=impl: api.linear_cross_entropy(  # noqa: E731
@@ -194,7 +194,7 @@ def main(argv=None):
         for name in ["baseline"] + [x for x in args.fw.split(",") if x]:
             def run(name=name):
                 if name == "baseline":
-                    f = jax.jit(benchmark.baseline_loss)
+                    f = jax.jit(bench_impls.baseline_loss)
                     return dict(ms=median_ms(f, e, c, t, iters=args.iters))
                 cfg = _cfg(FW_CFGS[name])
                 kern = jax.jit(lambda e, c, t: mf.lse_forward_mosaic(e, c, None, t, p=p_full, cfg=cfg,
@@ -204,7 +204,7 @@ def main(argv=None):
                 loss = jax.jit(lambda e, c, t: api.linear_cross_entropy(e, c, t, impl=impl,
                                                                         interpret=args.interpret or None))
                 ms_loss = median_ms(loss, e, c, t, iters=args.iters)
-                ref = jax.jit(benchmark.baseline_loss)(e, c, t)
+                ref = jax.jit(bench_impls.baseline_loss)(e, c, t)
                 return dict(ms_kernel=ms_kernel, tflops=flops / ms_kernel / 1e9, ms=ms_loss,
                             err_loss=rel(loss(e, c, t), ref))
             attempt(dict(head, what="fw", cfg=name), run)

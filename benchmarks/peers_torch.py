@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-# These mirror cce_jax/benchmark.py (tests/test_benchmark.py checks that they agree).
+# These mirror cce_jax/benchmark.py, bench_data.py and bench_impls.py (tests/test_benchmark.py checks that they agree).
 SHAPES = {
     "gemma2": (8192, 2304, 256000),
     "llama3": (8192, 4096, 128256),

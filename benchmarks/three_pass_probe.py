@@ -6,7 +6,7 @@ each variant, reports the median wall time of ``--iters`` calls, the compiled te
 relative difference of loss and gradients to ``cce_exact`` (float32 accumulation, no filtering). ``fw`` rows
 time the loss alone. Variants:
 
-- ``baseline``: dense XLA logits + optax (cce_jax.benchmark.baseline_loss);
+- ``baseline``: dense XLA logits + optax (cce_jax.bench_impls.baseline_loss);
 - ``cce``: impl="cce" as shipped (three-pass; Mosaic GPU logits chunk on Hopper, in-place gradient, dE chosen
   per chunk, dC chosen once per call from a sampled row block);
 - ``3p-triton``: the same with the Pallas-Triton logits chunk (``forward_backend="triton"``);
@@ -35,7 +35,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from cce_jax import api, benchmark, cce, options, three_pass
+from cce_jax import api, bench_data, bench_impls, benchmark, cce, options, three_pass
 
 
 def _config(d, dtype, **changes):
@@ -168,7 +168,7 @@ def main(argv=None):
         names.sort(key=lambda kv: kv[0] != "cce_exact")
         compiled = {}
         for recipe in args.data.split(","):
-            data = benchmark.make_data(recipe, n, d, v, "bf16", seed=0)
+            data = bench_data.make_data(recipe, n, d, v, "bf16", seed=0)
             print(f"# {shape} {recipe} {data.stats}", flush=True)
             ops = (data.e, data.c, data.targets)
             exact = None
@@ -178,7 +178,7 @@ def main(argv=None):
                 try:
                     if name not in compiled:
                         if kind == "baseline":
-                            loss = benchmark.baseline_loss
+                            loss = bench_impls.baseline_loss
                         else:
                             loss = lambda e, c, t, kw=kw: api.linear_cross_entropy(e, c, t, **kw)  # noqa: E731
                         argnums = (0,) if kind == "lib-e" else (0, 1)
@@ -210,7 +210,7 @@ def main(argv=None):
                                                                                forward_backend="triton")),
                                    ("fw baseline", None)):
                     if name not in compiled:
-                        f = benchmark.baseline_loss if impl is None else (
+                        f = bench_impls.baseline_loss if impl is None else (
                             lambda e, c, t, impl=impl: api.linear_cross_entropy(e, c, t, impl=impl))
                         compiled[name] = jax.jit(f).lower(*ops).compile()
                     fn = compiled[name]

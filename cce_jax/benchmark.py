@@ -23,14 +23,14 @@ they would take longer than ``--row-seconds``) with the host wall clock around t
   ``Precision.HIGHEST``, the loss from their log-sum-exp, and the gradients as explicit products
   ``(softmax - onehot) @ c / N`` and ``(softmax - onehot)^T @ e / N``. Errors are ``|loss - ref| / |ref|``
   and ``||g - g_ref|| / ||g_ref||`` (Frobenius) for dE and dC.
-- ``ok``: every error within its tolerance (:data:`TOLERANCES`). Half-precision gradients are rounded to
-  8 (bf16) or 11 (fp16) mantissa bits, which alone costs ~1e-3 relative, hence the 1e-2 / 5e-3 gradient
-  tolerances; float32 rows allow 2e-3 because XLA's default float32 matmul precision on GPUs is TF32, which
-  the baseline uses. Gradient filtering (skipping tiles where every ``|softmax - onehot| < filter_eps``)
-  changes the result by design, so implementations that filter dE or dC get, on top of the tolerance, 1.5x
-  the relative size of everything an element-wise filter at that eps would drop (computed by the reference,
-  reported per data set as the filter drop bound; at V 128k-256k in bf16 it is 2e-2 to 4e-2 for dE and
-  2e-3 to 5e-3 for dC on ``flat`` and ``lm`` data, ~0 on ``peaked``).
+- ``ok``: every error within its tolerance (:data:`cce_jax.bench_impls.TOLERANCES`). Half-precision gradients are
+  rounded to 8 (bf16) or 11 (fp16) mantissa bits, which alone costs ~1e-3 relative, hence the 1e-2 / 5e-3
+  gradient tolerances; float32 rows allow 2e-3 because XLA's default float32 matmul precision on GPUs is TF32,
+  which the baseline uses. Gradient filtering (skipping tiles where every ``|softmax - onehot| < filter_eps``)
+  changes the result by design, so implementations that filter dE or dC get, on top of the tolerance, 1.5x the
+  relative size of everything an element-wise filter at that eps would drop (computed by the reference, reported
+  per data set as the filter drop bound; at V 128k-256k in bf16 it is 2e-2 to 4e-2 for dE and 2e-3 to 5e-3 for dC
+  on ``flat`` and ``lm`` data, ~0 on ``peaked``).
 - ``det``: whether two calls of the same compiled function on the same inputs gave bit-identical outputs
   (the measured call and the last timed call of every round).
 
@@ -64,40 +64,31 @@ shape, with metadata: date, device, jax version, git commit or ``$CCE_BENCH_COMM
 shape runs, its rows stream to ``<json>.partial.jsonl``, so a run stopped from outside keeps them) and
 ``--markdown`` (appended). Rows that raise (an implementation that is not available, out of memory) are
 recorded as errors and the run continues.
+
+This module is the command: its flags, the metadata, and one child process per shape. The rest lives beside it:
+:mod:`cce_jax.bench_data` (data recipes), :mod:`cce_jax.bench_impls` (implementations, reference, check),
+:mod:`cce_jax.bench_runner` (the timing worker) and :mod:`cce_jax.bench_report` (table and files).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
-import functools
-import gc
 import json
-import math
 import os
 import shlex
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from jax import lax
 
-from cce_jax import api, options
-from cce_jax import cce as cce_lib
-from cce_jax.bench_data import DATA_RECIPES, DTYPES, LM_RECIPES, Data, make_data
-from cce_jax.bench_data import _lm_prior_features  # noqa: F401 (re-exported for the tests)
-from cce_jax.bench_report import (
-    data_lines, fmt_err, fmt_ok, format_markdown, format_table, row_line, write_csv, write_json,
-)
+from cce_jax.bench_data import DATA_RECIPES, DTYPES, LM_RECIPES
+from cce_jax.bench_impls import FILTER_ALLOWANCE, IMPL_REGISTRY, TOLERANCES
+from cce_jax.bench_report import data_lines, format_markdown, format_table, write_csv, write_json
+from cce_jax.bench_runner import Worker, new_row
 
 SHAPES: dict[str, tuple[int, int, int]] = {
     "gemma2": (8192, 2304, 256000),
@@ -106,412 +97,6 @@ SHAPES: dict[str, tuple[int, int, int]] = {
     "llama3-65k": (65536, 4096, 128256),
 }
 KINDS = ("fw", "fw-bw")
-KERNEL_IMPLS = ("cce", "cce_sorted", "cce_kahan", "cce_kahan_full_c", "cce_kahan_full_e", "cce_exact")
-IMPLS = (*KERNEL_IMPLS, "xla", "dense", "baseline", "baseline_f32")
-
-# (loss relative error, gradient relative error) allowed per input dtype; see the module docstring.
-TOLERANCES: dict[str, tuple[float, float]] = {
-    "bf16": (1e-4, 1e-2),
-    "fp16": (1e-4, 5e-3),
-    "fp32": (1e-3, 2e-3),
-}
-# (loss, gradient) relative errors allowed to an implementation that rounds its logits to a half dtype (the
-# baseline): a bf16 logit carries a relative error of 2**-9, several times the library's own tolerances.
-HALF_LOGIT_TOLERANCES = (4e-3, 3e-2)
-# Multiplies the reference's "what an element-wise filter would drop" bound for implementations that filter.
-FILTER_ALLOWANCE = 1.5
-
-
-_GIB = 1 << 30
-_MIB = 1 << 20
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Implementations
-
-
-@dataclasses.dataclass(frozen=True)
-class Impl:
-    """A timed implementation: ``loss(e, c, targets) -> float32 scalar`` and which gradients it may filter."""
-
-    loss: Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
-    filters_e: bool = False
-    filters_c: bool = False
-    half_logits: bool = False  # rounds logits to the input dtype: judged with HALF_LOGIT_TOLERANCES
-
-
-def _library_impl(name: str) -> Impl:
-    """``cce_jax.linear_cross_entropy(..., impl=name)`` with default options (mean reduction)."""
-
-    def loss(e, c, targets):
-        return api.linear_cross_entropy(e, c, targets, impl=name)
-
-    if name == "dense":
-        return Impl(loss)
-    backward = options.backward_options(
-        name, filter_eps=1.0, filter_e_grad=True, filter_c_grad=True, accum_e_fp32=False, accum_c_fp32=False
-    )
-    return Impl(loss, backward.filters_e, backward.filters_c)
-
-
-def baseline_loss(e: jax.Array, c: jax.Array, targets: jax.Array) -> jax.Array:
-    """The plain XLA baseline as JAX users write it: ``(e @ c^T).astype(float32)`` then optax's cross-entropy.
-
-    The product is in the input dtype, so its backward runs input-dtype matmuls (what the anchors measured).
-    """
-    logits = lax.dot_general(e, c, (((1,), (1,)), ((), ()))).astype(jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-
-def baseline_f32_loss(e: jax.Array, c: jax.Array, targets: jax.Array) -> jax.Array:
-    """The baseline with float32-accumulated logits (``preferred_element_type``); its backward multiplies a
-    float32 logit gradient with half-precision operands, which XLA runs as float32 matmuls."""
-    logits = lax.dot_general(e, c, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-
-def _sorted_loss(e, c, targets):
-    """impl="cce" walking the vocabulary in sampled-probability order (``KernelConfig.sort_vocab``)."""
-    config = dataclasses.replace(cce_lib.default_config(e.shape[1], e.dtype), sort_vocab=True)
-    return api.linear_cross_entropy(e, c, targets, impl=config)
-
-
-# Name -> implementation; ``--impl`` accepts exactly these names.
-IMPL_REGISTRY: dict[str, Impl] = {name: _library_impl(name) for name in IMPLS
-                                  if name.startswith(("cce", "xla", "dense")) and name != "cce_sorted"}
-IMPL_REGISTRY["cce_sorted"] = dataclasses.replace(IMPL_REGISTRY["cce"], loss=_sorted_loss)
-IMPL_REGISTRY["baseline"] = Impl(baseline_loss, half_logits=True)
-IMPL_REGISTRY["baseline_f32"] = Impl(baseline_f32_loss)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Reference and checks
-
-
-def _norm(x: jax.Array) -> jax.Array:
-    return jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32))))
-
-
-@functools.partial(jax.jit, static_argnames=("grads", "eps"))
-def reference(e, c, targets, *, grads: bool, eps: float):
-    """float32 loss of the upcast inputs and, if ``grads``, the gradients of the mean loss written out by hand.
-
-    Returns ``(loss, None)`` or ``(loss, (de, dc, (drop_e, drop_c)))`` where ``drop_*`` is the relative size of
-    the part of each gradient that comes from softmax entries with ``|softmax - onehot| < eps``: the most an
-    element-wise gradient filter at ``eps`` can change it.
-    """
-    hi = lax.Precision.HIGHEST
-    e32, c32 = e.astype(jnp.float32), c.astype(jnp.float32)
-    n = e.shape[0]
-    z = lax.dot_general(e32, c32, (((1,), (1,)), ((), ())), precision=hi)
-    lse = jax.nn.logsumexp(z, axis=-1)
-    z_t = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0]
-    loss = jnp.mean(lse - z_t)
-    if not grads:
-        return loss, None
-    g = jnp.exp(z - lse[:, None]).at[jnp.arange(n), targets].add(-1.0)
-    dropped = jnp.where(jnp.abs(g) < eps, g, 0.0)
-
-    def products(x):
-        return jnp.dot(x, c32, precision=hi) / n, jnp.dot(x.T, e32, precision=hi) / n
-
-    de, dc = products(g)
-    de_drop, dc_drop = products(dropped)
-    return loss, (de, dc, (_norm(de_drop) / _norm(de), _norm(dc_drop) / _norm(dc)))
-
-
-@jax.jit
-def _rel_err(x, ref):
-    return _norm(x.astype(jnp.float32) - ref) / _norm(ref)
-
-
-@jax.jit
-def _bits_equal(a, b):
-    def same(x, y):
-        if jnp.issubdtype(x.dtype, jnp.floating):
-            uint = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}[x.dtype.itemsize]
-            x, y = lax.bitcast_convert_type(x, uint), lax.bitcast_convert_type(y, uint)
-        return jnp.array_equal(x, y)
-
-    return jnp.stack([same(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]).all()
-
-
-def check(row: dict, out, ref_loss: float, ref_grads, drops: tuple[float, float] | None) -> dict:
-    """Errors of one row's outputs against the reference, its tolerances and the verdict."""
-    impl = IMPL_REGISTRY[row["impl"]]
-    tol_loss, tol_grad = TOLERANCES[row["dtype"]]
-    if impl.half_logits and row["dtype"] != "fp32":
-        tol_loss, tol_grad = max(tol_loss, HALF_LOGIT_TOLERANCES[0]), max(tol_grad, HALF_LOGIT_TOLERANCES[1])
-    loss = out if row["kind"] == "fw" else out[0]
-    res = {"loss_err": abs(float(loss) - ref_loss) / max(abs(ref_loss), 1e-30), "tol_loss": tol_loss,
-           "de_err": None, "dc_err": None, "tol_de": None, "tol_dc": None}
-    verdicts = [res["loss_err"] <= tol_loss]
-    if row["kind"] == "fw-bw":
-        de, dc = out[1]
-        res["de_err"] = float(_rel_err(de, ref_grads[0]))
-        res["dc_err"] = float(_rel_err(dc, ref_grads[1]))
-        res["tol_de"] = tol_grad + (FILTER_ALLOWANCE * drops[0] if impl.filters_e else 0.0)
-        res["tol_dc"] = tol_grad + (FILTER_ALLOWANCE * drops[1] if impl.filters_c else 0.0)
-        verdicts += [res["de_err"] <= res["tol_de"], res["dc_err"] <= res["tol_dc"]]
-    errs = [x for x in (res["loss_err"], res["de_err"], res["dc_err"]) if x is not None]
-    res["err"] = math.nan if any(math.isnan(x) for x in errs) else max(errs)
-    res["ok"] = all(verdicts)  # a NaN error compares False and fails
-    return res
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Timing one (shape, data) group
-
-
-def _error_text(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    return f"{type(exc).__name__}: {lines[0]}"[:300] if lines else type(exc).__name__
-
-
-def _memory_stats(device) -> dict | None:
-    try:
-        stats = device.memory_stats()
-    except Exception:  # noqa: BLE001  (backends without statistics raise or return None)
-        return None
-    if not stats or "peak_bytes_in_use" not in stats or "bytes_in_use" not in stats:
-        return None
-    return stats
-
-
-def ballast_sizes(gap: int) -> list[int]:
-    """``gap`` bytes (rounded down to 256) as 1 GiB pieces and then distinct powers of two, so the buffers
-    come in at most 23 distinct shapes (each compiles once) and need no single large free region."""
-    sizes = [_GIB] * (gap // _GIB)
-    bit = _GIB >> 1
-    while bit >= 256:
-        if (gap % _GIB) & bit:
-            sizes.append(bit)
-        bit >>= 1
-    return sizes
-
-
-def _ballast(device, stats: dict, need: int) -> list[jax.Array] | None:
-    """Buffers filling the allocator up to its recorded peak, or None when that would leave less free than
-    ``need`` bytes (plus a margin) for the row, which then goes without a peak measurement."""
-    gap = stats["peak_bytes_in_use"] - stats["bytes_in_use"]
-    limit = stats.get("bytes_limit")
-    if limit and stats["peak_bytes_in_use"] + int(1.25 * need) + _GIB > limit:
-        return None
-    chunks = [jnp.zeros((size,), jnp.uint8, device=device) for size in ballast_sizes(gap)]
-    jax.block_until_ready(chunks)
-    return chunks
-
-
-def _is_oom(exc: BaseException) -> bool:
-    text = str(exc)
-    return "RESOURCE_EXHAUSTED" in text or "out of memory" in text.lower()
-
-
-def _iterations(cfg: dict, seconds_per_call: float) -> int:
-    """``--iters``, cut so the timed calls of a row take about ``--row-seconds`` (but at least 3 calls)."""
-    budget = cfg.get("row_seconds")
-    if budget is None or seconds_per_call * cfg["iters"] <= budget:
-        return cfg["iters"]
-    return max(int(budget / seconds_per_call), min(3, cfg["iters"]))
-
-
-def _new_row(base: dict, impl: str, kind: str) -> dict:
-    return dict(base, impl=impl, kind=kind, status="ok", error=None, median_ms=None, min_ms=None, times_ms=None,
-                temp_mb=None, peak_mb=None, loss=None, loss_err=None, de_err=None, dc_err=None, err=None,
-                tol_loss=None, tol_de=None, tol_dc=None, ok=None, det=None)
-
-
-class Worker:
-    """Runs groups in this process and keeps their compiled executables (reused across data recipes)."""
-
-    def __init__(self, cfg: dict):
-        self.cfg = cfg
-        self.device = jax.devices()[0]
-        self.compiled: dict[tuple, Any] = {}
-        self.peaks: dict[tuple, float | None] = {}
-        self.impls = self._impl_names()
-        self.emitted = 0
-
-    def device_info(self) -> dict:
-        return {"device_kind": self.device.device_kind, "platform": self.device.platform,
-                "device_count": jax.device_count()}
-
-    def _impl_names(self) -> list[str]:
-        if self.cfg["impls"] is not None:
-            return list(self.cfg["impls"])
-        if self.device.platform == "cpu":
-            _progress("note: no accelerator, so the kernel presets are left out (interpret mode is no benchmark); "
-                      "name them with --impl to run them anyway")
-            return [name for name in IMPLS if name not in KERNEL_IMPLS]
-        return list(IMPLS)
-
-    def run_group(self, shape: Sequence, recipe: str, emit: Callable[[dict], None]) -> None:
-        """Times every (impl, kind) on one data set, then checks them; emits "row", "check", "group" records."""
-        name, n, d, v = shape
-        base = {"shape": name, "n": n, "d": d, "v": v, "dtype": self.cfg["dtype"], "data": recipe}
-        started = time.perf_counter()
-        data = make_data(recipe, n, d, v, self.cfg["dtype"], self.cfg["seed"])
-        _progress(f"{name} {recipe}: data ready in {time.perf_counter() - started:.1f}s, mean softmax entropy "
-                  f"{data.stats['entropy_mean']:.2f} nats (std {data.stats['entropy_std']:.2f}), top prob "
-                  f"{data.stats['top_prob_mean']:.3f}, fraction of p >= eps {data.stats['frac_p_ge_eps']:.1e}")
-        rows, outputs, indices = [], [], []
-        pairs = [(impl, kind) for impl in self.impls for kind in self.cfg["kinds"]]
-        rounds = self.cfg.get("rounds", 1)
-
-        def finish(run):
-            row, out = self._finish_row(run)
-            indices.append(self.emitted)
-            self.emitted += 1
-            emit({"type": "row", "index": indices[-1], **row})
-            _progress(f"[{len(rows) + 1}/{len(pairs)}] {row_line(row)}")
-            rows.append(row)
-            outputs.append(out)
-
-        runs = []
-        for impl, kind in pairs:
-            run = self._start_row(base, data, impl, kind)
-            self._time_row(run, data)
-            if rounds == 1:
-                finish(run)
-            else:
-                runs.append(run)
-        # Later rounds interleave the rows' timed calls, so that a drifting clock (a power-capped GPU heating up)
-        # weighs on every implementation alike.
-        for _ in range(rounds - 1):
-            for run in runs:
-                self._time_row(run, data)
-        for run in runs:
-            finish(run)
-        # The reference is the group's largest computation: run last, the rows' ballast need not cover it.
-        info = dict(base, **data.stats, ref_loss=None, drop_de=None, drop_dc=None, ref_error=None,
-                    **self.device_info())
-        need_grads = any(r["kind"] == "fw-bw" and r["status"] == "ok" for r in rows)
-        try:
-            ref_loss, ref_grads = reference(data.e, data.c, data.targets, grads=need_grads,
-                                            eps=data.stats["filter_eps"])
-            info["ref_loss"] = float(ref_loss)
-            drops = None
-            if ref_grads is not None:
-                drops = tuple(float(x) for x in ref_grads[2])
-                info["drop_de"], info["drop_dc"] = drops
-            for index, row, out in zip(indices, rows, outputs):
-                if out is not None:
-                    result = check(row, out, info["ref_loss"], ref_grads, drops)
-                    row.update(result)
-                    emit({"type": "check", "index": index, **result})
-        except Exception as exc:  # noqa: BLE001
-            info["ref_error"] = _error_text(exc)
-            _progress(f"{name} {recipe}: reference failed: {info['ref_error']}")
-        emit({"type": "group", **info})
-        checked = ", ".join(f"{r['impl']} {r['kind']} {fmt_err(r)} {fmt_ok(r)}" for r in rows if r["ok"] is not None)
-        _progress(f"{name} {recipe}: relative errors vs the float32 reference: {checked or 'none'}")
-
-    def _key(self, base: dict, impl: str, kind: str) -> tuple:
-        return (base["n"], base["d"], base["v"], base["dtype"], impl, kind)
-
-    def _compile(self, base: dict, data: Data, impl: str, kind: str):
-        """The executable for (shape, dtype, impl, kind), compiled once; a failure is remembered and re-raised."""
-        key = self._key(base, impl, kind)
-        if key not in self.compiled:
-            loss = IMPL_REGISTRY[impl].loss
-            fn = loss if kind == "fw" else jax.value_and_grad(loss, argnums=(0, 1))
-            try:
-                self.compiled[key] = jax.jit(fn).lower(data.e, data.c, data.targets).compile()
-            except Exception as exc:  # noqa: BLE001
-                self.compiled[key] = exc
-        if isinstance(self.compiled[key], Exception):
-            raise self.compiled[key]
-        return self.compiled[key]
-
-    def _start_row(self, base: dict, data: Data, impl: str, kind: str) -> dict:
-        """Compiles, warms up and makes the memory-measured call of one row; the timed calls come later
-        (:meth:`_time_row`, once per round)."""
-        row = _new_row(base, impl, kind)
-        run = {"row": row, "compiled": None, "first": None, "once": None, "times": [], "det": True}
-        args = (data.e, data.c, data.targets)
-        ballast = None
-        try:
-            compiled = self._compile(base, data, impl, kind)
-            analysis = compiled.memory_analysis()
-            if analysis is not None:
-                row["temp_mb"] = analysis.temp_size_in_bytes / _MIB
-            for _ in range(self.cfg["warmup"]):
-                jax.block_until_ready(compiled(*args))
-            gc.collect()
-            key = self._key(base, impl, kind)
-            before = None if key in self.peaks else _memory_stats(self.device)
-            if before is not None and analysis is not None:
-                # Fill the allocator up to its recorded peak, so that whatever the call allocates raises it.
-                need = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
-                ballast = _ballast(self.device, before, need)
-                before = _memory_stats(self.device) if ballast is not None else None
-            start = time.perf_counter()
-            try:
-                run["first"] = jax.block_until_ready(compiled(*args))
-            except Exception as exc:  # noqa: BLE001
-                if ballast is None or not _is_oom(exc):
-                    raise
-                ballast = before = None  # the ballast took the room the call needed: run without it
-                gc.collect()
-                start = time.perf_counter()
-                run["first"] = jax.block_until_ready(compiled(*args))
-            run["once"] = time.perf_counter() - start
-            if key not in self.peaks:
-                after = _memory_stats(self.device) if before is not None else None
-                self.peaks[key] = None if after is None else (
-                    max(after["peak_bytes_in_use"] - before["bytes_in_use"], 0) / _MIB)
-            row["peak_mb"] = self.peaks[key]
-            run["compiled"] = compiled
-        except Exception as exc:  # noqa: BLE001  (one failing implementation must not stop the run)
-            row.update(status="error", error=_error_text(exc))
-            run["first"] = None
-        finally:
-            ballast = None
-            gc.collect()
-        return run
-
-    def _time_row(self, run: dict, data: Data) -> None:
-        """One round of a row's timed calls (``--iters``, fewer when slow: :func:`_iterations`); the round's
-        last output must equal the measured call's bit for bit (``det``)."""
-        if run["compiled"] is None:
-            return
-        args = (data.e, data.c, data.targets)
-        last = None
-        try:
-            for _ in range(_iterations(self.cfg, run["once"])):
-                last = None
-                start = time.perf_counter()
-                last = jax.block_until_ready(run["compiled"](*args))
-                run["times"].append((time.perf_counter() - start) * 1e3)
-            run["det"] = run["det"] and bool(_bits_equal(run["first"], last))
-        except Exception as exc:  # noqa: BLE001
-            run["row"].update(status="error", error=_error_text(exc))
-            run["compiled"] = run["first"] = None
-        finally:
-            last = None
-            gc.collect()
-
-    def _finish_row(self, run: dict) -> tuple[dict, Any]:
-        """The row's timing, determinism and loss, and its first output (for the check), or an error row."""
-        row, first = run["row"], run["first"]
-        run.update(compiled=None, first=None)
-        if row["status"] != "ok" or first is None:
-            return row, None
-        times = run["times"]
-        row["times_ms"] = times
-        row["median_ms"] = float(np.median(times))
-        row["min_ms"] = float(np.min(times))
-        row["det"] = run["det"]
-        row["loss"] = float(first if row["kind"] == "fw" else first[0])
-        return row, first
-
-
-def _progress(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command line
 
 
 def _split_list(values: Sequence[str] | None, allowed: Sequence[str], flag: str) -> list[str] | None:
@@ -703,7 +288,7 @@ def _merge(records: list[dict], cfg: dict, shape: list) -> tuple[list[dict], lis
             done = {g["data"] for g in groups}
             left = ",".join(r for r in cfg["data"] if r not in done) or "-"
             rows[len(records) + 10**6] = dict(
-                _new_row({"shape": name, "n": n, "d": d, "v": v, "dtype": cfg["dtype"], "data": left}, "-", "-"),
+                new_row({"shape": name, "n": n, "d": d, "v": v, "dtype": cfg["dtype"], "data": left}, "-", "-"),
                 status="error", error=f"worker process ended with status {rec['returncode']} before finishing")
     return [rows[k] for k in sorted(rows)], groups
 

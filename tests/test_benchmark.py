@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax import lax
 
-from cce_jax import benchmark
+from cce_jax import bench_data, bench_impls, bench_runner, benchmark
 
 # N, D, V: V prime, D not a multiple of any block.
 N, D, V = 72, 40, 131
@@ -36,9 +36,9 @@ def _softmax64(e, c):
 
 
 def test_data_recipes_match_their_description():
-    flat = benchmark.make_data("flat", N, D, V, "bf16", seed=1)
-    peaked = benchmark.make_data("peaked", N, D, V, "bf16", seed=1)
-    lm = benchmark.make_data("lm", N, D, V, "bf16", seed=1)
+    flat = bench_data.make_data("flat", N, D, V, "bf16", seed=1)
+    peaked = bench_data.make_data("peaked", N, D, V, "bf16", seed=1)
+    lm = bench_data.make_data("lm", N, D, V, "bf16", seed=1)
     for data in (flat, peaked, lm):
         assert data.e.shape == (N, D) and data.c.shape == (V, D)
         assert data.e.dtype == jnp.bfloat16 and data.c.dtype == jnp.bfloat16
@@ -58,13 +58,13 @@ def test_data_recipes_match_their_description():
     z, _ = _softmax64(peaked.e, peaked.c)
     np.testing.assert_array_equal(z.argmax(axis=1), np.arange(N))
     # lm: the prior features are constant in e, and the entropy sits far below flat's.
-    k = benchmark._lm_prior_features(D)
+    k = bench_data._lm_prior_features(D)
     np.testing.assert_array_equal(np.asarray(lm.e[:, :k], np.float32), 1.0)
     assert lm.stats["entropy_mean"] < flat.stats["entropy_mean"] - 1.0
 
 
 def test_lm_targets_follow_the_softmax():
-    lm = benchmark.make_data("lm", N, D, V, "bf16", seed=2)
+    lm = bench_data.make_data("lm", N, D, V, "bf16", seed=2)
     _, p = _softmax64(lm.e, lm.c)
     nll = -np.log(p[np.arange(N), np.asarray(lm.targets)])
     # Targets drawn from each row's softmax: E[nll_i] = entropy_i and Var[nll_i] = E[log^2 p] - entropy_i^2.
@@ -80,7 +80,7 @@ def test_reference_matches_float64_numpy(rng):
     c = jnp.asarray(rng.standard_normal((V, D)) / np.sqrt(D), jnp.bfloat16)
     targets = jnp.asarray(rng.integers(0, V, N), jnp.int32)
     eps = 2.0**-8
-    loss, (de, dc, (drop_e, drop_c)) = benchmark.reference(e, c, targets, grads=True, eps=eps)
+    loss, (de, dc, (drop_e, drop_c)) = bench_impls.reference(e, c, targets, grads=True, eps=eps)
 
     z, p = _softmax64(e, c)
     t = np.asarray(targets)
@@ -127,14 +127,14 @@ def test_command_runs_checks_and_writes_results(tmp_path, capsys):
         assert r["ok"] is True, r
         ref = groups[r["data"]]["ref_loss"]
         # the baseline rounds its logits to bf16 and is judged by the half-logit tolerances
-        loss_tol = benchmark.HALF_LOGIT_TOLERANCES[0] if r["impl"] == "baseline" else 1e-4
+        loss_tol = bench_impls.HALF_LOGIT_TOLERANCES[0] if r["impl"] == "baseline" else 1e-4
         assert abs(r["loss"] - ref) <= loss_tol * abs(ref)
         assert r["loss_err"] <= r["tol_loss"]
         if r["kind"] == "fw-bw":
             assert 0 < r["de_err"] <= r["tol_de"] and 0 < r["dc_err"] <= r["tol_dc"]
             # the baseline does not filter, so it gets no filtering allowance
             if r["impl"] == "baseline":
-                assert r["tol_de"] == r["tol_dc"] == benchmark.HALF_LOGIT_TOLERANCES[1]
+                assert r["tol_de"] == r["tol_dc"] == bench_impls.HALF_LOGIT_TOLERANCES[1]
         else:
             assert r["de_err"] is None and r["dc_err"] is None
     assert 1.0 < groups["lm"]["entropy_mean"] < groups["flat"]["entropy_mean"]
@@ -159,13 +159,13 @@ def test_rounds_interleave_the_rows(tmp_path, monkeypatch):
     """``--rounds 3``: every row makes its timed calls once per round, the rows of a data set in turn, and reports
     the median of all of them."""
     order = []
-    time_row = benchmark.Worker._time_row
+    time_row = bench_runner.Worker._time_row
 
     def spy(self, run, data):
         order.append(run["row"]["impl"])
         return time_row(self, run, data)
 
-    monkeypatch.setattr(benchmark.Worker, "_time_row", spy)
+    monkeypatch.setattr(bench_runner.Worker, "_time_row", spy)
     out_json = tmp_path / "r.json"
     argv = [*SHAPE_ARGS, "--impl", "xla,baseline", "--kind", "fw", "--data", "flat", "--iters", "2", "--warmup", "1",
             "--rounds", "3", "--no-isolate", "--json", str(out_json)]
@@ -180,7 +180,7 @@ def test_rounds_interleave_the_rows(tmp_path, monkeypatch):
 
 def _wrong_loss(e, c, targets):
     """Right gradient direction, 3% too large, and a loss 1e-3 too high: both must be caught."""
-    loss = benchmark.baseline_f32_loss(e, c, targets)
+    loss = bench_impls.baseline_f32_loss(e, c, targets)
     return loss + 0.03 * (loss - lax.stop_gradient(loss)) + 1e-3 * lax.stop_gradient(loss)
 
 
@@ -191,8 +191,8 @@ def test_wrong_and_failing_impls_are_reported(tmp_path, monkeypatch, capsys):
         traced.append(1)
         raise NotImplementedError("this implementation is missing")
 
-    monkeypatch.setitem(benchmark.IMPL_REGISTRY, "wrong", benchmark.Impl(_wrong_loss))
-    monkeypatch.setitem(benchmark.IMPL_REGISTRY, "missing", benchmark.Impl(raising_loss))
+    monkeypatch.setitem(bench_impls.IMPL_REGISTRY, "wrong", bench_impls.Impl(_wrong_loss))
+    monkeypatch.setitem(bench_impls.IMPL_REGISTRY, "missing", bench_impls.Impl(raising_loss))
     out_json = tmp_path / "r.json"
     argv = [*SHAPE_ARGS, "--impl", "missing,wrong,dense", "--data", "flat,lm", "--iters", "2", "--warmup", "1",
             "--no-isolate", "--json", str(out_json)]
@@ -236,10 +236,10 @@ def test_peak_is_measured_above_the_ballast_once_per_impl_and_kind(monkeypatch):
         {"bytes_in_use": 1000 * mib, "peak_bytes_in_use": 1300 * mib, "bytes_limit": 10**12},  # after the call
     ])
     asked = []
-    monkeypatch.setattr(benchmark, "_memory_stats", lambda device: next(script))
-    monkeypatch.setattr(benchmark, "_ballast", lambda device, stats, need: asked.append((stats, need)) or [])
+    monkeypatch.setattr(bench_runner, "_memory_stats", lambda device: next(script))
+    monkeypatch.setattr(bench_runner, "_ballast", lambda device, stats, need: asked.append((stats, need)) or [])
     cfg = {"impls": ["baseline"], "kinds": ["fw-bw"], "dtype": "bf16", "seed": 0, "iters": 1, "warmup": 1}
-    worker = benchmark.Worker(cfg)
+    worker = bench_runner.Worker(cfg)
     records = []
     worker.run_group(["tiny", N, D, V], "flat", records.append)
     worker.run_group(["tiny", N, D, V], "lm", records.append)  # same executable: peak not measured again
@@ -253,7 +253,7 @@ def test_peak_is_measured_above_the_ballast_once_per_impl_and_kind(monkeypatch):
 
 @pytest.mark.parametrize("gap", [0, 255, 256, 1000, 3 * 2**30 + 2**29 + 2**12 + 300])
 def test_ballast_sizes_fill_the_gap(gap):
-    sizes = benchmark.ballast_sizes(gap)
+    sizes = bench_runner.ballast_sizes(gap)
     assert sum(sizes) == gap - gap % 256
     small = [s for s in sizes if s < 2**30]
     assert len(set(small)) == len(small) and all(s & (s - 1) == 0 for s in small)
@@ -284,10 +284,8 @@ def test_peer_script_mirrors_the_benchmark_constants():
             except ValueError:
                 pass
     assert values["SHAPES"] == benchmark.SHAPES
-    assert values["DATA_RECIPES"] == benchmark.DATA_RECIPES and values["KINDS"] == benchmark.KINDS
-    assert values["TOLERANCES"] == benchmark.TOLERANCES
-    from cce_jax import bench_data
-
-    assert values["FILTER_ALLOWANCE"] == benchmark.FILTER_ALLOWANCE
+    assert values["DATA_RECIPES"] == bench_data.DATA_RECIPES and values["KINDS"] == benchmark.KINDS
+    assert values["TOLERANCES"] == bench_impls.TOLERANCES
+    assert values["FILTER_ALLOWANCE"] == bench_impls.FILTER_ALLOWANCE
     for name in ("LM_ZIPF_EXPONENT", "LM_NOISE_STD", "LM_PRIOR_FEATURES"):
         assert values[name] == getattr(bench_data, name), name
