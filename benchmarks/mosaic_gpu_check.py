@@ -57,6 +57,9 @@ MOSAIC_CFGS = {
     "cl2": dataclasses.replace(KernelConfig().mosaic, cluster=2),
     "cl2-bd64-s3": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, cluster=2),
     "cl2-ctas7": dataclasses.replace(KernelConfig().mosaic, cluster=2, ctas=7),
+    # The target logit from XLA's gathered product instead of the epilogue's column compare.
+    "tg": dataclasses.replace(KernelConfig().mosaic, target_gather=True),
+    "cl2-tg": dataclasses.replace(KernelConfig().mosaic, cluster=2, target_gather=True),
     "s4": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2),
     "approx": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, approx_math=True),
     "bd128-s2": M(block_n=128, block_v=128, block_d=128, stages=2, compute_wgs=2),
@@ -69,7 +72,7 @@ MOSAIC_CFGS = {
 DEBUG_TIMINGS = {"default-matmul-only": ("default", "matmul_only"), "grid128-matmul-only": ("grid128", "matmul_only"),
                  "cl2-matmul-only": ("cl2", "matmul_only")}
 TIMED_CFGS = ["default", "cl2", "bd64-s3", "default-matmul-only", "cl2-matmul-only"]
-CHECK_CFGS = ["n64-v128x2-s4", "n128-v128x1-s4", "ctas7", "default", "cl2", "cl2-ctas7"]
+CHECK_CFGS = ["n64-v128x2-s4", "n128-v128x1-s4", "ctas7", "default", "cl2", "cl2-ctas7", "tg"]
 CHECK_SHAPE = (1030, 1008, {"vd": 50264, "dv": 50272})
 TINY_SHAPE = (128, 128, 512)
 # Tiny-shape configs: the default has one row block, n64-v256x1 two vocabulary tiles.
@@ -234,7 +237,7 @@ def correctness(log, budget_s: float = 120.0):
     # 2) The ragged check shape (as in the first run).
     for layout, v in vs.items():
         for has_bias, cap, need_sum in ((False, None, False), (True, 30.0, True), (False, 5.0, True)):
-            for name in CHECK_CFGS if (has_bias and layout == "vd") else [CHECK_CFGS[0], "default", "cl2"]:
+            for name in CHECK_CFGS if (has_bias and layout == "vd") else [CHECK_CFGS[0], "default", "cl2", "tg"]:
                 out.append(check_case(layout, n, d, v, has_bias, cap, need_sum, name, label="ragged",
                                       diagnose=time.time() - t0 < budget_s, log=log))
     # 3) N a multiple of block_n.

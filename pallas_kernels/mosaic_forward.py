@@ -42,6 +42,13 @@ both CTAs). With an odd number of row blocks the last cluster's second CTA repea
 (it must take part in the multicast) and writes its statistics into the padding of the partial outputs, which
 the merge drops.
 
+Target logit
+------------
+By default each compute warpgroup picks the target logit out of every tile it computes (the column equal to the
+token's target, a compare, a select and an add per logit). With ``target_gather`` the kernel skips it (and the
+targets' loads) and :func:`gathered_target_logits` computes it in XLA from ``N`` gathered classifier rows, the
+same float32-accumulated product of the same half-precision operands, plus bias and softcap.
+
 Output stores
 -------------
 Pallas lowers ``copy_smem_to_gmem`` with ``OOBFillMode.UNDEFINED``, and Mosaic GPU turns a contiguous,
@@ -113,6 +120,9 @@ class MosaicForwardConfig:
         vocabulary tiles, and each classifier tile is read from L2 once per cluster, half by each CTA and
         multicast into both (module docstring, "Clusters"); ``ctas`` is then rounded down to a multiple of 2.
       approx_math: approximate exp/log/tanh (MUFU); exp2/log stay accurate to ~1e-6 relative, tanh to ~1e-3.
+      target_gather: take the target logit from a gathered product in XLA (``e[i] . c[t[i]]``, N x D work and
+        N x D of gathered classifier rows) instead of the epilogue's column compare, which costs three of the
+        epilogue's per-logit instructions (module docstring, "Target logit").
       async_wgmma: keep one wgmma in flight while the next is issued (each slot is released one step later, so
         the ring holds one fewer step in flight: give it a stage more). Off by default: with two compute
         warpgroups the other one already keeps the tensor cores busy, and on an H200 it was 3-10% slower
@@ -128,6 +138,7 @@ class MosaicForwardConfig:
     cluster: int = 1
     approx_math: bool = False
     async_wgmma: bool = False
+    target_gather: bool = False
 
     def __post_init__(self):
         if self.block_n % 64 or self.block_n <= 0:
@@ -268,10 +279,13 @@ def smem_transforms(swizzle: int, dtype) -> tuple:
 
 def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule, need_sum: bool, store: bool,
             dtype, bias_dtype, debug: str | None = None):
+    need_target = not cfg.target_gather
     refs = list(refs)
     e_ref, c_ref = refs.pop(0), refs.pop(0)
     b_ref = refs.pop(0) if p.has_bias else None
-    t_ref, lse_ref, zt_ref = refs.pop(0), refs.pop(0), refs.pop(0)
+    t_ref = refs.pop(0) if need_target else None
+    lse_ref = refs.pop(0)
+    zt_ref = refs.pop(0) if need_target else None
     zs_ref = refs.pop(0) if need_sum else None
     z_ref, m_ref = refs if store else (None, None)
     out_refs = [r for r in (lse_ref, zt_ref, zs_ref) if r is not None]
@@ -292,15 +306,15 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
     scratch = dict(
         e_smem=plgpu.SMEM((S, bn, bd), dtype, transforms=transforms),
         c_smem=plgpu.SMEM((S, cw, *c_tile), dtype, transforms=transforms),
-        t_smem=plgpu.SMEM((2, bn), jnp.int32),
+        t_smem=plgpu.SMEM((2, bn), jnp.int32) if need_target else None,
         stat_smem=plgpu.SMEM((cw, 4, bn), jnp.float32),
         out_smem=plgpu.SMEM((len(out_refs), bn), jnp.float32),
         b_smem=plgpu.SMEM((2, cw, bv), bias_dtype) if p.has_bias else None,
         loaded=plgpu.Barrier(num_arrivals=1 + cw, num_barriers=S),  # e tile + one c tile per warpgroup
         consumed=(plgpu.Barrier(num_arrivals=cw, num_barriers=S) if cl == 1 else
                   plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=cw, num_barriers=S)),
-        t_bar=plgpu.Barrier(num_barriers=2),
-        t_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2),
+        t_bar=plgpu.Barrier(num_barriers=2) if need_target else None,
+        t_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if need_target else None,
         b_bar=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
         b_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
         merge_bar=plgpu.Barrier(num_arrivals=cw - 1, num_barriers=1) if cw > 1 else None,
@@ -330,12 +344,12 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
         def load_segment(q, row, first, end, slot, lt):
             n0 = jnp.minimum(row, n_blocks - 1) * bn  # a cluster's phantom row block (module docstring) repeats
             t_slot = lax.rem(q, 2)
+            if need_target:
+                @pl.when(q >= 2)
+                def _():
+                    plgpu.barrier_wait(t_consumed.at[t_slot])
 
-            @pl.when(q >= 2)
-            def _():
-                plgpu.barrier_wait(t_consumed.at[t_slot])
-
-            plgpu.copy_gmem_to_smem(t_ref.at[pl.ds(n0, bn)], t_smem.at[t_slot], t_bar.at[t_slot])
+                plgpu.copy_gmem_to_smem(t_ref.at[pl.ds(n0, bn)], t_smem.at[t_slot], t_bar.at[t_slot])
 
             def tile(j, lt):
                 v0 = j * W
@@ -388,7 +402,8 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                 plgpu.set_max_registers(40, action="decrease")
             n_tiles = segments(load_segment)
             drain(n_tiles * kd - S, n_tiles * kd, consumed, S)
-            drain(n_seg - 2, n_seg, t_consumed, 2)
+            if need_target:
+                drain(n_seg - 2, n_seg, t_consumed, 2)
             if p.has_bias:
                 drain(n_tiles - 2, n_tiles, b_consumed, 2)
 
@@ -430,10 +445,11 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
             cols = plgpu.broadcasted_iota(jnp.int32, (bn, bv), 1, layout=plgpu.Layout.WGMMA)
 
             def segment(q, row, first, end, slot, lt):
-                t_slot = lax.rem(q, 2)
-                plgpu.barrier_wait(t_bar.at[t_slot])
-                t_rel = plgpu.load(t_smem.at[t_slot], layout=ROW) - w * bv  # target relative to tile 0's columns
-                plgpu.barrier_arrive(t_consumed.at[t_slot])
+                if need_target:
+                    t_slot = lax.rem(q, 2)
+                    plgpu.barrier_wait(t_bar.at[t_slot])
+                    t_rel = plgpu.load(t_smem.at[t_slot], layout=ROW) - w * bv  # relative to tile 0's columns
+                    plgpu.barrier_arrive(t_consumed.at[t_slot])
 
                 def v_step(j, carry, masked: bool):
                     m, s, zt, zs = carry
@@ -450,11 +466,11 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                     if debug == "matmul_only":
                         z = jnp.where(valid, z, -jnp.inf) if masked else z
                         return jnp.maximum(m, z.max(axis=1)), s, zt, zs
-                    rel = lax.broadcast_in_dim(t_rel - j * W, z.shape, [0])
-                    hit = cols == rel
-                    if masked:
-                        hit = hit & valid
-                    zt = zt + jnp.where(hit, z, 0.0).sum(axis=1)
+                    if need_target:
+                        hit = cols == lax.broadcast_in_dim(t_rel - j * W, z.shape, [0])
+                        if masked:
+                            hit = hit & valid
+                        zt = zt + jnp.where(hit, z, 0.0).sum(axis=1)
                     if need_sum:
                         zs = zs + (jnp.where(valid, z, 0.0) if masked else z).sum(axis=1)
                     if masked:
@@ -492,7 +508,8 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
             plgpu.copy_smem_to_gmem(m_smem.at[w], m_ref.at[j * cw + w, pl.ds(row * bn, bn)])
 
         def write(row, slot, m, s, zt, zs):
-            for i, x in enumerate((final_stat(m, s), zt, zs)[:len(out_refs)]):
+            values = [final_stat(m, s)] + [zt] * need_target + [zs] * need_sum
+            for i, x in enumerate(values):
                 out_smem.at[i][...] = x
             plgpu.commit_smem()
             for i, ref in enumerate(out_refs):
@@ -602,9 +619,9 @@ def unit_rows(cfg: MosaicForwardConfig) -> int:
 
 def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, need_sum: bool, interpret, debug,
                store: bool):
-    """The kernel's outputs: ``(schedule, lse, zt, zs)`` with (slots, N_pad) partials (``zs`` None unless
-    ``need_sum``), plus with ``store`` the logits buffer (N, cdiv(V, W) * W) and the transposed tile maxima
-    (cdiv(V, W) * compute_wgs, N)."""
+    """The kernel's outputs: ``(schedule, lse, zt, zs)`` with (slots, N_pad) partials (``zt`` None with
+    ``cfg.target_gather``, ``zs`` None unless ``need_sum``), plus with ``store`` the logits buffer
+    (N, cdiv(V, W) * W) and the transposed tile maxima (cdiv(V, W) * compute_wgs, N)."""
     check_supported(e, c, p, cfg, store)
     if debug not in DEBUG_MODES:
         raise ValueError(f"debug={debug!r} must be one of {DEBUG_MODES}")
@@ -617,11 +634,12 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
     sch = make_schedule(p, cfg)
     kernel = functools.partial(_kernel, p=p, cfg=cfg, sch=sch, need_sum=need_sum, store=store, dtype=e.dtype,
                                bias_dtype=None if bias is None else bias.dtype, debug=debug)
-    args = (e, c, targets) if bias is None else (e, c, bias, targets)
+    need_target = not cfg.target_gather
+    args = (e, c) + ((bias,) if p.has_bias else ()) + ((targets,) if need_target else ())
     # Whole row blocks only: a store into an (N,) array would be a bulk copy clamped to 4 * (N % block_n) bytes
     # for the last block, undefined unless a multiple of 16 (module docstring, "Output stores").
     out = jax.ShapeDtypeStruct((sch.slots, sch.row_blocks * unit_rows(cfg)), jnp.float32)
-    out_type = [out] * (3 if need_sum else 2)
+    out_type = [out] * (1 + need_target + need_sum)
     if store:
         out_type += [jax.ShapeDtypeStruct((p.n, sch.tiles * cfg.tile_v), e.dtype),
                      jax.ShapeDtypeStruct((sch.tiles * cfg.compute_wgs, p.n), jnp.float32)]
@@ -638,16 +656,37 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
         kernel_name="cce_logits_chunk_mosaic" if store else "cce_lse_forward_mosaic",
     )
     outs = list(f(*args))
+    if not need_target:
+        outs.insert(1, None)
     if not need_sum:
         outs.insert(2, None)
     return (sch, *outs)
 
 
-def merge_outputs(sch: schedule.Schedule, lse, zt, zs, p: Problem, cfg: MosaicForwardConfig, debug=None):
-    """(N,) ``(lse, target_logit, sum_logits)`` from the kernel's partials (``sum_logits`` zeros when None)."""
+def gathered_target_logits(e: jax.Array, c: jax.Array, bias: jax.Array | None, targets: jax.Array,
+                           p: Problem) -> jax.Array:
+    """(N,) float32 ``softcap(e[i] . c[t[i]] + bias[t[i]])``, 0 where the target is outside [0, V): the target
+    logits from N gathered classifier rows (``cfg.target_gather``), products accumulated in float32."""
+    ok = (targets >= 0) & (targets < p.v)
+    t = jnp.where(ok, targets, 0)
+    rows = jnp.take(c, t, axis=0 if p.layout == "vd" else 1)
+    if p.layout == "dv":
+        rows = rows.T
+    z = jnp.einsum("nd,nd->n", e, rows, preferred_element_type=jnp.float32)
+    if bias is not None:
+        z = z + bias[t].astype(jnp.float32)
+    return jnp.where(ok, softcap(z, p.softcap), 0.0)
+
+
+def merge_outputs(sch: schedule.Schedule, lse, zt, zs, p: Problem, cfg: MosaicForwardConfig, operands,
+                  debug=None):
+    """(N,) ``(lse, target_logit, sum_logits)`` from the kernel's partials (``sum_logits`` zeros when None; the
+    target logits from ``operands = (e, c, bias, targets)`` when the kernel left them out)."""
     lse, zt, zs = schedule.merge(sch, unit_rows(cfg), p.n, lse, zt, zs,
                                  row_max=debug in ("row_max", "matmul_only"))
-    return lse, zt, jnp.zeros_like(zt) if zs is None else zs
+    if zt is None:
+        zt = gathered_target_logits(*operands, p)
+    return lse, zt, jnp.zeros_like(lse) if zs is None else zs
 
 
 @functools.partial(jax.jit, static_argnames=("p", "cfg", "need_sum", "interpret", "debug"))
@@ -675,4 +714,4 @@ def lse_forward_mosaic(
     """
     sch, lse, zt, zs = run_kernel(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum, interpret=interpret,
                                   debug=debug, store=False)
-    return merge_outputs(sch, lse, zt, zs, p, cfg, debug)
+    return merge_outputs(sch, lse, zt, zs, p, cfg, (e, c, bias, targets), debug)

@@ -39,5 +39,5 @@ def logits_chunk_mosaic(
     """
     sch, lse, zt, zs, z_rel, m_t = run_kernel(e, c, bias, targets, p=p, cfg=cfg, need_sum=need_sum,
                                               interpret=interpret, debug=None, store=True)
-    lse, zt, zs = merge_outputs(sch, lse, zt, zs, p, cfg)
+    lse, zt, zs = merge_outputs(sch, lse, zt, zs, p, cfg, (e, c, bias, targets))
     return z_rel, m_t.T, lse, zt, zs

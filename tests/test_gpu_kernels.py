@@ -231,24 +231,27 @@ def test_mosaic_logits_chunk_on_gpu(layout, v, bias, cap):
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 @pytest.mark.parametrize("layout,v", [("vd", 50264), ("dv", 50272)])
-@pytest.mark.parametrize("ctas,bias,cap,need_sum,block_d,cluster", [
-    (None, True, 30.0, True, 64, 1), (None, False, None, False, 64, 1), (7, True, None, True, 64, 1),
-    (60, False, 5.0, False, 64, 1), (None, True, 30.0, True, 128, 1), (7, False, None, False, 128, 1),
-    (None, True, 30.0, True, 128, 2), (7, False, None, True, 128, 2), (60, True, 5.0, False, 64, 2),
+@pytest.mark.parametrize("ctas,bias,cap,need_sum,block_d,cluster,gather", [
+    (None, True, 30.0, True, 64, 1, False), (None, False, None, False, 64, 1, False),
+    (7, True, None, True, 64, 1, False), (60, False, 5.0, False, 64, 1, False),
+    (None, True, 30.0, True, 128, 1, False), (7, False, None, False, 128, 1, False),
+    (None, True, 30.0, True, 128, 2, False), (7, False, None, True, 128, 2, False),
+    (60, True, 5.0, False, 64, 2, False), (None, True, 30.0, False, 128, 1, True), (7, False, None, True, 128, 2, True),
 ])
-def test_mosaic_forward_on_gpu(layout, v, ctas, bias, cap, need_sum, block_d, cluster):
+def test_mosaic_forward_on_gpu(layout, v, ctas, bias, cap, need_sum, block_d, cluster, gather):
     """The compiled Mosaic GPU forward against float64 at ragged shapes (N 1030: 9 row blocks, the last partial;
     D 1008; V ragged against the tile) on its persistent-grid schedules (pallas_kernels.mosaic_schedule): one CTA
     per SM (every row block split 14 ways), 7 CTAs (a round of whole row blocks, then 3 splits of the last two,
     their tails on the seventh CTA), 60 CTAs (6 splits, tails on the 6 spare CTAs); block_d 64 in 3 stages and
     128 in 2 (the default); clusters of two CTAs (5 units of 2 row blocks, the last with a phantom second row
-    block; on 66, 3 and 30 clusters), the classifier tiles multicast; bit-identical repeats."""
+    block; on 66, 3 and 30 clusters), the classifier tiles multicast; the target logits from XLA's gathered
+    product (``target_gather``); bit-identical repeats."""
     from test_mosaic_forward import _run_and_check
 
     from pallas_kernels import mosaic_forward as mf
 
     cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=block_d, stages=3 if block_d == 64 else 2,
-                                 compute_wgs=2, ctas=ctas, cluster=cluster)
+                                 compute_wgs=2, ctas=ctas, cluster=cluster, target_gather=gather)
     args = dict(layout=layout, has_bias=bias, softcap=cap, need_sum=need_sum, cfg=cfg, interpret=False)
     first = _run_and_check(1030, 1008, v, **args)
     again = _run_and_check(1030, 1008, v, **args)

@@ -106,7 +106,10 @@ def test_softcap_only_fp16():
     # of whole units; on 3 clusters (ctas 7 rounds down to 6) the units split in two, tails on the third.
     dataclasses.replace(CFG, cluster=2, ctas=4),
     dataclasses.replace(CFG, cluster=2, ctas=7, compute_wgs=1),
-], ids=["1wg", "bv64-s2", "ctas2", "ctas4-1wg", "bn128-bd32", "async", "async-s2-1wg", "cluster2", "cluster2-tails"])
+    # The target logits from gathered classifier rows in XLA (the kernel takes no targets).
+    dataclasses.replace(CFG, target_gather=True, ctas=2),
+], ids=["1wg", "bv64-s2", "ctas2", "ctas4-1wg", "bn128-bd32", "async", "async-s2-1wg", "cluster2", "cluster2-tails",
+        "target-gather"])
 def test_configs(cfg):
     _run_and_check(140, 96, 328, has_bias=True, softcap=5.0, cfg=cfg)
 
@@ -200,6 +203,8 @@ LOWER_CASES = [
      mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=2, compute_wgs=2, cluster=2)),
     (1030, 1008, 50272, "dv", True, 30.0, True,
      mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, cluster=2)),
+    (8192, 4096, 128256, "vd", True, None, False,
+     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=2, compute_wgs=2, target_gather=True)),
 ]
 
 
@@ -381,6 +386,16 @@ def test_logits_chunk_needs_whole_row_blocks():
 def test_logits_chunk_clusters():
     """Clusters of two CTAs (4 row blocks, 2 units) on 3 clusters: the units split in two, tails on the third."""
     _check_logits_chunk(256, 96, 328, has_bias=True, softcap=3.0, cfg=dataclasses.replace(CFG, cluster=2, ctas=6))
+
+
+@pytest.mark.parametrize("layout,v", [("vd", 328), ("dv", 336)])
+def test_target_gather(layout, v):
+    """``target_gather``: the kernel leaves the target logit to XLA's gathered product (ignored and out-of-range
+    targets give 0, bias and softcap apply), in the forward with and without the sum and in the logits chunk."""
+    cfg = dataclasses.replace(CFG, target_gather=True)
+    _run_and_check(70, 96, v, layout=layout, has_bias=True, softcap=5.0, cfg=cfg)
+    _run_and_check(70, 96, v, layout=layout, need_sum=False, cfg=cfg)
+    _check_logits_chunk(128, 80, v, layout=layout, has_bias=True, softcap=3.0, cfg=cfg)
 
 
 @pytest.mark.parametrize("layout,bias,cap,extra", [("vd", False, None, {}), ("dv", True, 30.0, {}),
