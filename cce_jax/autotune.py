@@ -54,11 +54,14 @@ BACKWARD_CANDIDATES = [
     ]
 ]
 
-# (block_d, stages) of 128 x 128 tiles with two compute warpgroups on the persistent grid (one CTA per SM). On an H200
-# 3 stages beat 4 at block_d 64 (2026-12-02), and block_d 128 in 2 stages beat both (2026-12-03).
+# (block_d, stages, cluster, target_gather) of 128 x 128 tiles with two compute warpgroups on the persistent grid (one
+# CTA per SM). On an H200 3 stages beat 4 at block_d 64 (2026-12-02), block_d 128 in 2 stages beat both, and the
+# gathered target and the 2-CTA clusters were within 1.5% of it (2026-12-03): close enough to tune per GPU.
 MOSAIC_FORWARD_CANDIDATES = [
-    MosaicForwardConfig(block_n=128, block_v=128, block_d=bd, stages=st, compute_wgs=2)
-    for (bd, st) in [(128, 2), (64, 3), (64, 4), (32, 6)]
+    MosaicForwardConfig(block_n=128, block_v=128, block_d=bd, stages=st, compute_wgs=2, cluster=cl,
+                        target_gather=tg)
+    for (bd, st, cl, tg) in [(128, 2, 1, True), (128, 2, 2, True), (128, 2, 1, False), (64, 3, 1, True),
+                             (64, 3, 2, True), (64, 4, 1, True), (32, 6, 1, True)]
 ]
 # (block_d, stages, async_wgmma) of 128 x 128 tiles with two compute warpgroups (the three-pass product tiles
 # subdivide block_v).

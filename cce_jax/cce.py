@@ -79,7 +79,9 @@ class KernelConfig:
         deadlock (a ``RuntimeWarning`` says so; tests/conftest.py).
       mosaic: tiles of the Mosaic GPU forward: 128 x 128 per compute warpgroup, block_d 128 in a 2-stage ring
         (on an H200, 2026-12-03, six interleaved rounds on the persistent grid: 15.34 / 13.74 ms at the gemma2 /
-        llama3 shape against 15.89 / 13.91 with block_d 64 and 3 stages; benchmarks/results.md).
+        llama3 shape against 15.89 / 13.91 with block_d 64 and 3 stages), the target logit from XLA's gathered
+        product (``target_gather``: 15.17 / 13.76 ms against 15.23 / 13.86 in the epilogue, interleaved rounds of
+        one lease; benchmarks/results.md). Clusters of two CTAs (``cluster=2``) are an autotune candidate.
       mosaic_chunk: tiles of the Mosaic GPU logits-chunk kernel of the three-pass path (its tile stores take
         shared memory, hence fewer pipeline stages).
       sparse_de_backend: the block-sparse dE product of the three-pass path (a chunk with few live tiles):
@@ -101,7 +103,7 @@ class KernelConfig:
     sort_vocab: bool = False
     forward_backend: str = "auto"
     mosaic: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=2,
-                                                      compute_wgs=2)
+                                                      compute_wgs=2, target_gather=True)
     mosaic_chunk: MosaicForwardConfig = MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3,
                                                             compute_wgs=2)
     sparse_de_backend: str = "triton"

@@ -9,6 +9,7 @@ raises becomes an error row without stopping the run.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import jax
@@ -289,3 +290,33 @@ def test_peer_script_mirrors_the_benchmark_constants():
     assert values["FILTER_ALLOWANCE"] == bench_impls.FILTER_ALLOWANCE
     for name in ("LM_ZIPF_EXPONENT", "LM_NOISE_STD", "LM_PRIOR_FEATURES"):
         assert values[name] == getattr(bench_data, name), name
+
+
+def test_variant_table_makes_the_library_run_the_variant(tmp_path, monkeypatch):
+    """benchmarks/variant_table.py writes a tuning table whose entries (this device kind, every half-precision
+    shape class) are the built-in config with the overrides, which ``default_config`` then returns; a malformed
+    override names itself."""
+    import importlib.util
+    from pathlib import Path
+
+    import jax.numpy as jnp
+
+    from cce_jax import cce
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "variant_table.py"
+    spec = importlib.util.spec_from_file_location("cce_variant_table", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    table = tmp_path / "variant.json"
+    assert tool.main([str(table), "mosaic.cluster=2", "mosaic_chunk.stages=4"]) == 0
+    monkeypatch.delenv(cce.TUNING_FILE_ENV, raising=False)
+    built_ins = {d: cce.default_config(d, jnp.bfloat16) for d in (512, 2304, 4096)}
+    monkeypatch.setenv(cce.TUNING_FILE_ENV, str(table))
+    for d, built_in in built_ins.items():
+        got = cce.default_config(d, jnp.bfloat16)
+        assert got.mosaic == dataclasses.replace(built_in.mosaic, cluster=2)
+        assert got.mosaic_chunk == dataclasses.replace(built_in.mosaic_chunk, stages=4)
+        assert got.forward == built_in.forward and got.backward == built_in.backward
+    for bad in ("mosaic.cluster", "cluster=2", "nothing.cluster=2"):
+        with pytest.raises(ValueError, match="FIELD.ATTR=VALUE"):
+            tool.override(cce.DEFAULT, [bad])
