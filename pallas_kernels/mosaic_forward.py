@@ -343,8 +343,9 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
         # ---------------- memory warpgroup: TMA producer ----------------
         def load_segment(q, row, first, end, slot, lt):
             n0 = jnp.minimum(row, n_blocks - 1) * bn  # a cluster's phantom row block (module docstring) repeats
-            t_slot = lax.rem(q, 2)
             if need_target:
+                t_slot = lax.rem(q, 2)
+
                 @pl.when(q >= 2)
                 def _():
                     plgpu.barrier_wait(t_consumed.at[t_slot])
