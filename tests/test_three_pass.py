@@ -421,19 +421,27 @@ MOSAIC_KERNELS = dataclasses.replace(KERNELS, forward_backend="mosaic", mosaic=_
 MOSAIC_BATCH, MOSAIC_D, MOSAIC_V = (3, 50), 48, 136  # D % 16, V % 8, N >= block_n; 3 chunks of 64, padded
 
 
-@pytest.mark.parametrize("reduction,grad_path", [("mean", "auto"), ("none", "auto")], ids=["mean-lse", "none"])
-def test_mosaic_kernels_per_token_cotangents(rng, reduction, grad_path, three_pass_calls):
+# The forward with the gathered target logit (the default's choice) on one cluster of two CTAs: three row blocks
+# make two units, the second with a phantom row block.
+_MOSAIC_CLUSTER = dataclasses.replace(_MOSAIC_1WG, cluster=2, target_gather=True)
+
+
+@pytest.mark.parametrize("reduction,grad_path,forward", [("mean", "auto", _MOSAIC_1WG), ("none", "auto", _MOSAIC_1WG),
+                                                         ("none", "auto", _MOSAIC_CLUSTER)],
+                         ids=["mean-lse", "none", "none-cluster-gather"])
+def test_mosaic_kernels_per_token_cotangents(rng, reduction, grad_path, forward, three_pass_calls):
     """Random non-uniform per-token cotangents (on the lse, and on the loss for reduction "none") through the
     Mosaic GPU kernels: the three-pass path (mean, with z_loss) adds the exact recompute VJP to gradients formed
-    from the Mosaic logits chunk; reduction "none" runs the recompute path on the Mosaic forward."""
+    from the Mosaic logits chunk; reduction "none" runs the recompute path on the Mosaic forward (also on a
+    cluster of two CTAs with the target logit gathered in XLA)."""
     inputs = _inputs(rng, jnp.bfloat16, shape=MOSAIC_BATCH, d=MOSAIC_D, v=MOSAIC_V, weights=True, bias=True,
                      logit_scale=2.0)
     options = dict(reduction=reduction, shift=1, softcap=3.0, z_loss=0.1 if reduction == "mean" else 0.0)
     shape = (MOSAIC_BATCH[0], MOSAIC_BATCH[1] - 1)
     g_lse = rng.standard_normal(shape) * rng.uniform(0.1, 3.0, shape)
     g_loss = rng.standard_normal(shape) * 2.0 if reduction == "none" else G_LOSS
-    _check(inputs, MOSAIC_KERNELS, g_loss=g_loss, g_lse=g_lse, what=f"mosaic {reduction}", grad_path=grad_path,
-           **options)
+    kernels = dataclasses.replace(MOSAIC_KERNELS, mosaic=forward)
+    _check(inputs, kernels, g_loss=g_loss, g_lse=g_lse, what=f"mosaic {reduction}", grad_path=grad_path, **options)
     assert bool(three_pass_calls) == (reduction == "mean")
 
 
