@@ -564,8 +564,8 @@ def run_scoped(body, scratch: dict):
     pl.run_scoped(inner, **present, collective_axes="wg")
 
 
-# Threads of XLA's CPU pool the Mosaic GPU interpreter needs: the launch, two compute warpgroups and the memory
-# warpgroup can each block one while they wait on a barrier.
+# Threads of XLA's CPU pool the Mosaic GPU interpreter needs: the launch, and the two compute warpgroups and the
+# memory warpgroup of each CTA in a cluster of two (run together) can each block one while they wait on a barrier.
 INTERPRETER_THREADS = 8
 
 

@@ -14,8 +14,9 @@ import pytest
 # block a thread of XLA's CPU pool while the kernel's launching callback blocks another. The pool has one thread
 # per core (PJRT_NPROC overrides that before the CPU backend starts), so on a 2-core machine a waiting warpgroup
 # and the launch can hold both threads while the warpgroup they wait for is queued: the test hangs (seen in CI and
-# reproduced with PJRT_NPROC=1). At most four threads block at once (the launch, two compute warpgroups and the
-# memory warpgroup; interpreted kernels in one program are ordered), so eight threads always leave room.
+# reproduced with PJRT_NPROC=1). At most seven threads block at once (the launch, and two compute warpgroups and
+# the memory warpgroup in each CTA of a cluster of two, which the interpreter runs together; interpreted kernels
+# in one program are ordered), so eight threads always leave room.
 os.environ["PJRT_NPROC"] = str(max(8, os.cpu_count() or 1, int(os.environ.get("PJRT_NPROC") or 0)))
 
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
