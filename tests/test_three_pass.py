@@ -427,8 +427,9 @@ _MOSAIC_CLUSTER = dataclasses.replace(_MOSAIC_1WG, cluster=2, target_gather=True
 
 
 @pytest.mark.parametrize("reduction,grad_path,forward", [("mean", "auto", _MOSAIC_1WG), ("none", "auto", _MOSAIC_1WG),
+                                                         ("mean", "auto", _MOSAIC_CLUSTER),
                                                          ("none", "auto", _MOSAIC_CLUSTER)],
-                         ids=["mean-lse", "none", "none-cluster-gather"])
+                         ids=["mean-lse", "none", "mean-lse-cluster-gather", "none-cluster-gather"])
 def test_mosaic_kernels_per_token_cotangents(rng, reduction, grad_path, forward, three_pass_calls):
     """Random non-uniform per-token cotangents (on the lse, and on the loss for reduction "none") through the
     Mosaic GPU kernels: the three-pass path (mean, with z_loss) adds the exact recompute VJP to gradients formed
