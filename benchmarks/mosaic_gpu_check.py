@@ -67,10 +67,29 @@ MOSAIC_CFGS = {
     "grid128": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, ctas=128),
     # 7 CTAs at the check shape: a round of whole row blocks, then splits with tails.
     "ctas7": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, ctas=7),
+    # Row-split warpgroups: 64 rows x 256 columns each (one m64n256 wgmma per k16), one shared classifier tile.
+    "n256": M(block_n=128, block_v=256, block_d=128, stages=2, compute_wgs=2, wg_split="n", target_gather=True),
+    "n256-bd64-s4": M(block_n=128, block_v=256, block_d=64, stages=4, compute_wgs=2, wg_split="n",
+                      target_gather=True),
+    "n256-cl2": M(block_n=128, block_v=256, block_d=128, stages=2, compute_wgs=2, wg_split="n", cluster=2,
+                  target_gather=True),
+    # 128 x 128 CTA tiles of row-split warpgroups (64 x 128 each), without and with the overlapped epilogue.
+    "n128": M(block_n=128, block_v=128, block_d=128, stages=3, compute_wgs=2, wg_split="n", target_gather=True),
+    "ov": M(block_n=128, block_v=128, block_d=128, stages=3, compute_wgs=2, wg_split="n", overlap_epilogue=True,
+            target_gather=True),
+    "ov-bd64-s6": M(block_n=128, block_v=128, block_d=64, stages=6, compute_wgs=2, wg_split="n",
+                    overlap_epilogue=True, target_gather=True),
+    "ov-cl2": M(block_n=128, block_v=128, block_d=128, stages=3, compute_wgs=2, wg_split="n", overlap_epilogue=True,
+                cluster=2, target_gather=True),
+    "ov-cl2-ctas7": M(block_n=128, block_v=128, block_d=128, stages=3, compute_wgs=2, wg_split="n",
+                      overlap_epilogue=True, cluster=2, ctas=7),
+    "ov-async-s4": M(block_n=128, block_v=128, block_d=64, stages=6, compute_wgs=2, wg_split="n",
+                     overlap_epilogue=True, async_wgmma=True, target_gather=True),
 }
 # Timed with a debug mode: (config, debug). "matmul_only" leaves out the epilogue but the row max (its cost).
 DEBUG_TIMINGS = {"default-matmul-only": ("default", "matmul_only"), "grid128-matmul-only": ("grid128", "matmul_only"),
-                 "cl2-matmul-only": ("cl2", "matmul_only")}
+                 "cl2-matmul-only": ("cl2", "matmul_only"), "n256-matmul-only": ("n256", "matmul_only"),
+                 "ov-matmul-only": ("ov", "matmul_only")}
 TIMED_CFGS = ["default", "cl2", "bd64-s3", "default-matmul-only", "cl2-matmul-only"]
 CHECK_CFGS = ["n64-v128x2-s4", "n128-v128x1-s4", "ctas7", "default", "cl2", "cl2-ctas7", "tg"]
 CHECK_SHAPE = (1030, 1008, {"vd": 50264, "dv": 50272})
@@ -225,25 +244,29 @@ def _halves(e, c, bias, t, p, cfg, need_sum):
     return out
 
 
-def correctness(log, budget_s: float = 120.0):
+def correctness(log, budget_s: float = 120.0, only=None):
+    """The check cases; ``only``: these configs alone, at the tiny shape and in every ragged case."""
     t0 = time.time()
     n, d, vs = CHECK_SHAPE
     out = []
     # 1) Tiny shapes first: single-tile correctness, separated from the pipelining.
     tn, td, tv = TINY_SHAPE
-    for name in TINY_CFGS:
+    for name in only or TINY_CFGS:
         out.append(check_case("vd", tn, td, tv, False, None, True, name, label="tiny", log=log))
-    out.append(check_case("dv", tn, td, tv, True, 30.0, True, "n64-v128x2-s4", label="tiny", log=log))
+    if not only:
+        out.append(check_case("dv", tn, td, tv, True, 30.0, True, "n64-v128x2-s4", label="tiny", log=log))
     # 2) The ragged check shape (as in the first run).
     for layout, v in vs.items():
         for has_bias, cap, need_sum in ((False, None, False), (True, 30.0, True), (False, 5.0, True)):
-            for name in CHECK_CFGS if (has_bias and layout == "vd") else [CHECK_CFGS[0], "default", "cl2", "tg"]:
+            names = CHECK_CFGS if (has_bias and layout == "vd") else [CHECK_CFGS[0], "default", "cl2", "tg"]
+            for name in only or names:
                 out.append(check_case(layout, n, d, v, has_bias, cap, need_sum, name, label="ragged",
                                       diagnose=time.time() - t0 < budget_s, log=log))
     # 3) N a multiple of block_n.
     v = vs["vd"]
-    n_round = n // 64 * 64
-    out.append(check_case("vd", n_round, d, v, False, None, True, "n64-v128x2-s4", label=f"n{n_round}", log=log))
+    n_round = n // 128 * 128
+    for name in only or ["n64-v128x2-s4"]:
+        out.append(check_case("vd", n_round, d, v, False, None, True, name, label=f"n{n_round}", log=log))
     _DATA_CACHE.clear()
     _REF_CACHE.clear()
     log(f"correctness took {time.time() - t0:.1f} s")
@@ -318,6 +341,8 @@ def main():
     ap.add_argument("--configs", type=str, default=",".join(TIMED_CFGS),
                     help=f"comma-separated Mosaic configs to time, of {sorted(MOSAIC_CFGS) + sorted(DEBUG_TIMINGS)}")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--check-configs", type=str, default="",
+                    help="comma-separated configs to check (at every check shape) instead of the built-in list")
     ap.add_argument("--skip-timing", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes in interpret mode (runs on a CPU)")
     args = ap.parse_args()
@@ -335,7 +360,8 @@ def main():
     result = {"jax": jax.__version__, "device": jax.devices()[0].device_kind,
               "configs": {k: dataclasses.asdict(v) for k, v in MOSAIC_CFGS.items()},
               "triton_config": dataclasses.asdict(TRITON_CFG)}
-    result["check"] = [] if args.skip_check else correctness(log)
+    result["check"] = [] if args.skip_check else correctness(
+        log, only=[c for c in args.check_configs.split(",") if c] or None)
     result["timing"] = [] if args.skip_timing else timing(
         [s for s in args.shapes.split(",") if s], args.iters, [c for c in args.configs.split(",") if c], log,
         rounds=args.rounds)

@@ -102,6 +102,10 @@ from pallas_kernels import mosaic_schedule as schedule
 from pallas_kernels.tiles import Problem
 
 LOG2E = math.log2(math.e)
+# Entries of one warpgroup's tile with overlap_epilogue: two float32 tiles of 64 registers per thread each.
+OVERLAP_TILE = 64 * 128
+# Columns per exp slice of an overlapped epilogue (one slice per pipeline step).
+EXP_SLICE = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +131,16 @@ class MosaicForwardConfig:
         the ring holds one fewer step in flight: give it a stage more). Off by default: with two compute
         warpgroups the other one already keeps the tensor cores busy, and on an H200 it was 3-10% slower
         (benchmarks/results.md, pass 1 configs).
+      wg_split: how the compute warpgroups share the CTA tile. ``"v"``: warpgroup ``w`` owns ``block_v`` columns
+        ``w`` of the ``compute_wgs * block_v``-wide tile and all ``block_n`` rows, and warpgroup 0 merges their
+        statistics at the end of each segment. ``"n"``: warpgroup ``w`` owns ``block_n / compute_wgs`` rows
+        (a multiple of 64) of a ``block_v``-wide tile, all warpgroups read the same classifier tile, and each
+        writes its own rows (no merge). With 64 rows by 256 columns per warpgroup each wgmma is one m64n256
+        instruction, which reads the classifier slice from shared memory once per warpgroup instead of once per
+        64 rows (module docstring, "Warpgroup split").
+      overlap_epilogue: run each tile's epilogue during the next tile's matmul (module docstring, "Overlapped
+        epilogue"): a warpgroup keeps the previous tile's logits in registers beside the accumulator, so its
+        tile must be at most 8192 entries (e.g. 64 x 128 with ``wg_split="n"``).
     """
 
     block_n: int = 64
@@ -139,6 +153,8 @@ class MosaicForwardConfig:
     approx_math: bool = False
     async_wgmma: bool = False
     target_gather: bool = False
+    wg_split: str = "v"
+    overlap_epilogue: bool = False
 
     def __post_init__(self):
         if self.block_n % 64 or self.block_n <= 0:
@@ -155,11 +171,31 @@ class MosaicForwardConfig:
             raise ValueError(f"cluster={self.cluster} must be 1 or 2")
         if self.ctas is not None and self.ctas < self.cluster:
             raise ValueError(f"ctas={self.ctas} must be None or at least cluster={self.cluster}")
+        if self.wg_split not in ("v", "n"):
+            raise ValueError(f'wg_split={self.wg_split!r} must be "v" or "n"')
+        if self.wg_split == "n" and self.block_n % (64 * self.compute_wgs):
+            raise ValueError(f'wg_split="n" needs block_n={self.block_n} to be a multiple of 64 * '
+                             f"compute_wgs={self.compute_wgs} (64-row wgmma tiles per warpgroup)")
+        if self.overlap_epilogue and self.wg_rows * self.block_v > OVERLAP_TILE:
+            raise ValueError(f"overlap_epilogue keeps two {self.wg_rows} x {self.block_v} float32 tiles per "
+                             f"warpgroup in registers: its tile must be at most {OVERLAP_TILE} entries (e.g. "
+                             'block_v=128 with 64 rows per warpgroup: wg_split="n", block_n=128)')
 
     @property
     def tile_v(self) -> int:
         """Columns of one CTA vocabulary tile."""
-        return self.compute_wgs * self.block_v
+        return self.block_v if self.wg_split == "n" else self.compute_wgs * self.block_v
+
+    @property
+    def wg_rows(self) -> int:
+        """Rows of one compute warpgroup's tile."""
+        return self.block_n // self.compute_wgs if self.wg_split == "n" else self.block_n
+
+    @property
+    def c_copies(self) -> int:
+        """Classifier tiles (TMA copies of at most 256 columns) per pipeline step: one per compute warpgroup,
+        or one shared by all with ``wg_split="n"``."""
+        return 1 if self.wg_split == "n" else self.compute_wgs
 
 
 def cdiv(a: int, b: int) -> int:
@@ -177,11 +213,21 @@ def online_update(m: jax.Array, s: jax.Array, z: jax.Array, z_max: jax.Array | N
     ``s`` is the sum of ``exp(z - m)`` over the columns seen so far. A row with no finite entry yet keeps
     ``m = -inf, s = 0`` (no NaN from ``-inf - -inf``). ``z_max``: the tile's row maxima, if already known.
     """
-    m_new = jnp.maximum(m, z.max(axis=1) if z_max is None else z_max)
+    m_new, s, shift = online_rescale(m, s, z.max(axis=1) if z_max is None else z_max)
+    return m_new, s + exp_sum(z, shift)
+
+
+def online_rescale(m: jax.Array, s: jax.Array, z_max: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The first half of :func:`online_update`: the new running max, the old sum rescaled to it, and the shift
+    (the new max in base 2, 0 for a row with no finite entry yet) that :func:`exp_sum` takes."""
+    m_new = jnp.maximum(m, z_max)
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp2((m - m_safe) * LOG2E)
-    p = jnp.exp2(z * LOG2E - lax.broadcast_in_dim(m_safe * LOG2E, z.shape, [0]))
-    return m_new, s * alpha + p.sum(axis=1)
+    return m_new, s * jnp.exp2((m - m_safe) * LOG2E), m_safe * LOG2E
+
+
+def exp_sum(z: jax.Array, shift: jax.Array) -> jax.Array:
+    """The second half of :func:`online_update`, over any columns of the tile: ``sum(exp(z - m_new))`` per row."""
+    return jnp.exp2(z * LOG2E - lax.broadcast_in_dim(shift, z.shape, [0])).sum(axis=1)
 
 
 def merge_stats(m_a, s_a, m_b, s_b) -> tuple[jax.Array, jax.Array]:
@@ -230,7 +276,7 @@ def smem_bytes(cfg: MosaicForwardConfig, dtype, store: bool) -> int:
     """Shared memory of one CTA: the operand ring, and with ``store`` the logits tile of every warpgroup."""
     isz = jnp.dtype(dtype).itemsize
     ring = cfg.stages * (cfg.block_n + cfg.tile_v) * cfg.block_d * isz
-    out = cfg.compute_wgs * cfg.block_n * (cfg.block_v * isz + 4) if store else 0
+    out = cfg.compute_wgs * cfg.wg_rows * (cfg.block_v * isz + 4) if store else 0
     return ring + out + 4096  # statistics, targets, bias, barriers
 
 
@@ -291,6 +337,8 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
     out_refs = [r for r in (lse_ref, zt_ref, zs_ref) if r is not None]
 
     bn, bv, bd, S, cw, cl = cfg.block_n, cfg.block_v, cfg.block_d, cfg.stages, cfg.compute_wgs, cfg.cluster
+    rows, nc, split_n = cfg.wg_rows, cfg.c_copies, cfg.wg_split == "n"
+    merge = cw > 1 and not split_n  # warpgroups of one row block hand their statistics to warpgroup 0
     n_blocks = cdiv(p.n, bn)
     W = cfg.tile_v
     kd = cdiv(p.d, bd)
@@ -301,26 +349,26 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
     def final_stat(m, s):
         return m if debug in ("row_max", "matmul_only") else finish_lse(m, s)
 
-    c_tile = (bv, bd) if p.layout == "vd" else (bd, bv)  # one TMA copy per compute warpgroup (<= 256 wide)
+    c_tile = (bv, bd) if p.layout == "vd" else (bd, bv)  # one TMA copy per classifier tile (<= 256 wide)
     transforms = smem_transforms(pick_swizzle(p, cfg, dtype), dtype)
     scratch = dict(
         e_smem=plgpu.SMEM((S, bn, bd), dtype, transforms=transforms),
-        c_smem=plgpu.SMEM((S, cw, *c_tile), dtype, transforms=transforms),
+        c_smem=plgpu.SMEM((S, nc, *c_tile), dtype, transforms=transforms),
         t_smem=plgpu.SMEM((2, bn), jnp.int32) if need_target else None,
-        stat_smem=plgpu.SMEM((cw, 4, bn), jnp.float32),
-        out_smem=plgpu.SMEM((len(out_refs), bn), jnp.float32),
-        b_smem=plgpu.SMEM((2, cw, bv), bias_dtype) if p.has_bias else None,
-        loaded=plgpu.Barrier(num_arrivals=1 + cw, num_barriers=S),  # e tile + one c tile per warpgroup
+        stat_smem=plgpu.SMEM((cw, 4, bn), jnp.float32) if merge else None,
+        out_smem=plgpu.SMEM((cw if split_n else 1, len(out_refs), rows), jnp.float32),
+        b_smem=plgpu.SMEM((2, nc, bv), bias_dtype) if p.has_bias else None,
+        loaded=plgpu.Barrier(num_arrivals=1 + nc, num_barriers=S),  # the e tile and the classifier tiles
         consumed=(plgpu.Barrier(num_arrivals=cw, num_barriers=S) if cl == 1 else
                   plgpu.ClusterBarrier(collective_axes=("cluster",), num_arrivals=cw, num_barriers=S)),
         t_bar=plgpu.Barrier(num_barriers=2) if need_target else None,
         t_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if need_target else None,
-        b_bar=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
+        b_bar=plgpu.Barrier(num_arrivals=nc, num_barriers=2) if p.has_bias else None,
         b_consumed=plgpu.Barrier(num_arrivals=cw, num_barriers=2) if p.has_bias else None,
-        merge_bar=plgpu.Barrier(num_arrivals=cw - 1, num_barriers=1) if cw > 1 else None,
-        merge_free=plgpu.Barrier(num_arrivals=1, num_barriers=1) if cw > 1 else None,
-        z_smem=plgpu.SMEM((cw, bn, bv), dtype, transforms=smem_transforms(128, dtype)) if store else None,
-        m_smem=plgpu.SMEM((cw, bn), jnp.float32) if store else None,
+        merge_bar=plgpu.Barrier(num_arrivals=cw - 1, num_barriers=1) if merge else None,
+        merge_free=plgpu.Barrier(num_arrivals=1, num_barriers=1) if merge else None,
+        z_smem=plgpu.SMEM((cw, rows, bv), dtype, transforms=smem_transforms(128, dtype)) if store else None,
+        m_smem=plgpu.SMEM((cw, rows), jnp.float32) if store else None,
     )
 
     def body(e_smem, c_smem, t_smem, stat_smem, out_smem, b_smem, loaded, consumed, t_bar, t_consumed, b_bar,
@@ -361,8 +409,8 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                     def _():
                         plgpu.barrier_wait(b_consumed.at[b_slot])
 
-                    for w in range(cw):
-                        plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(v0 + w * bv, bv)], b_smem.at[b_slot, w],
+                    for i in range(nc):
+                        plgpu.copy_gmem_to_smem(b_ref.at[pl.ds(v0 + i * bv, bv)], b_smem.at[b_slot, i],
                                                 b_bar.at[b_slot])
 
                 def k_step(k, carry):
@@ -374,12 +422,12 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                         plgpu.barrier_wait(consumed.at[s])
 
                     plgpu.copy_gmem_to_smem(e_ref.at[pl.ds(n0, bn), pl.ds(k * bd, bd)], e_smem.at[s], loaded.at[s])
-                    for w in range(cw):
+                    for i in range(nc):
                         if p.layout == "vd":
-                            src = c_ref.at[pl.ds(v0 + w * bv, bv), pl.ds(k * bd, bd)]
+                            src = c_ref.at[pl.ds(v0 + i * bv, bv), pl.ds(k * bd, bd)]
                         else:
-                            src = c_ref.at[pl.ds(k * bd, bd), pl.ds(v0 + w * bv, bv)]
-                        plgpu.copy_gmem_to_smem(src, c_smem.at[s, w], loaded.at[s],
+                            src = c_ref.at[pl.ds(k * bd, bd), pl.ds(v0 + i * bv, bv)]
+                        plgpu.copy_gmem_to_smem(src, c_smem.at[s, i], loaded.at[s],
                                                 collective_axes="cluster" if cl > 1 else None)
                     return carry
 
@@ -409,18 +457,29 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                 drain(n_tiles - 2, n_tiles, b_consumed, 2)
 
         # ---------------- compute warpgroups ----------------
-        def logits_tile(lt, w):
-            """float32 (bn, bv) tile of e @ c^T for this warpgroup's columns of the CTA's tile ``lt`` (no bias)."""
-            def mm(acc_ref):
-                lag = int(cfg.async_wgmma)
+        def origin(w):
+            """Warpgroup ``w``'s first row and column in the CTA tile, and its classifier tile in a ring slot."""
+            return (w * rows, 0, 0) if split_n else (0, w * bv, w)
 
-                def k_step(k, carry):
+        def logits_tile(lt, w, chunks=()):
+            """float32 (rows, bv) tile of e @ c^T for warpgroup ``w``'s part of the CTA's tile ``lt`` (no bias).
+
+            ``chunks``: functions ``state -> state`` run while the wgmma of pipeline steps 0, 1, ... is in flight
+            (the last step runs any left over), from ``state = None``; returns ``(tile, state)``."""
+            r0, _, ci = origin(w)
+            lag = int(cfg.async_wgmma)
+
+            def mm(acc_ref):
+                def k_step(k, state, work=()):
                     slot = lax.rem(lt * kd + k, S)
                     plgpu.barrier_wait(loaded.at[slot])
-                    rhs = c_smem.at[slot, w]
+                    rhs = c_smem.at[slot, ci]
                     if p.layout == "vd":
                         rhs = rhs.transpose((1, 0))
-                    plgpu.wgmma(acc_ref, e_smem.at[slot], rhs)
+                    lhs = e_smem.at[slot, pl.ds(r0, rows)] if split_n else e_smem.at[slot]
+                    plgpu.wgmma(acc_ref, lhs, rhs)
+                    for fn in work:  # CUDA-core work while the tensor cores run this step
+                        state = fn(state)
                     # With ``lag`` the previous step's wgmma has now finished reading its slot.
                     plgpu.wgmma_wait(lag)
                     if lag:
@@ -429,44 +488,51 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                             plgpu.barrier_arrive(consumed.at[lax.rem(lt * kd + k - 1, S)])
                     else:
                         plgpu.barrier_arrive(consumed.at[slot])
-                    return carry
+                    return state
 
-                lax.fori_loop(0, kd, k_step, None)
+                peel = min(kd, len(chunks))
+                state = None
+                for k in range(peel):
+                    state = k_step(k, state, chunks[k:k + 1] if k < peel - 1 else chunks[k:])
+                lax.fori_loop(peel, kd, k_step, None)
                 if lag:
                     plgpu.wgmma_wait(0)
                     plgpu.barrier_arrive(consumed.at[lax.rem(lt * kd + kd - 1, S)])
-                return acc_ref[...]
+                return acc_ref[...], state
 
-            return pl.run_scoped(mm, plgpu.ACC((bn, bv), jnp.float32))
+            return pl.run_scoped(mm, plgpu.ACC((rows, bv), jnp.float32))
 
         def compute(w, emit):
             """Warpgroup ``w``'s statistics of every segment, handed to ``emit(row, slot, m, s, zt, zs)``."""
             if cw > 1:
                 plgpu.set_max_registers(232, action="increase")
-            cols = plgpu.broadcasted_iota(jnp.int32, (bn, bv), 1, layout=plgpu.Layout.WGMMA)
+            r0, col0, ci = origin(w)
+            cols = plgpu.broadcasted_iota(jnp.int32, (rows, bv), 1, layout=plgpu.Layout.WGMMA)
 
             def segment(q, row, first, end, slot, lt):
+                t_rel = None
                 if need_target:
                     t_slot = lax.rem(q, 2)
                     plgpu.barrier_wait(t_bar.at[t_slot])
-                    t_rel = plgpu.load(t_smem.at[t_slot], layout=ROW) - w * bv  # relative to tile 0's columns
+                    t_rel = plgpu.load(t_smem.at[t_slot, pl.ds(r0, rows)], layout=ROW) - col0  # tile 0's columns
                     plgpu.barrier_arrive(t_consumed.at[t_slot])
 
-                def v_step(j, carry, masked: bool):
-                    m, s, zt, zs = carry
-                    lt_j = lt + j - first
-                    z = logits_tile(lt_j, w)
+                def head(z, j, stats, masked: bool):
+                    """Everything of tile ``j``'s epilogue before the exps: bias, softcap, the target logit, the
+                    sum of logits, the column mask, the row max and the rescaled sum. Returns ``(z, stats,
+                    shift)``, ``shift`` None when no exps follow (debug "matmul_only")."""
+                    m, s, zt, zs = stats
                     if p.has_bias:
-                        b_slot = lax.rem(lt_j, 2)
+                        b_slot = lax.rem(lt + j - first, 2)
                         plgpu.barrier_wait(b_bar.at[b_slot])
-                        b = plgpu.load(b_smem.at[b_slot, w], layout=COL).astype(jnp.float32)
+                        b = plgpu.load(b_smem.at[b_slot, ci], layout=COL).astype(jnp.float32)
                         plgpu.barrier_arrive(b_consumed.at[b_slot])
                         z = z + lax.broadcast_in_dim(b, z.shape, [1])
                     z = softcap(z, p.softcap)
-                    valid = cols < (p.v - w * bv - j * W) if masked else None
+                    valid = cols < (p.v - col0 - j * W) if masked else None
                     if debug == "matmul_only":
                         z = jnp.where(valid, z, -jnp.inf) if masked else z
-                        return jnp.maximum(m, z.max(axis=1)), s, zt, zs
+                        return z, (jnp.maximum(m, z.max(axis=1)), s, zt, zs), None
                     if need_target:
                         hit = cols == lax.broadcast_in_dim(t_rel - j * W, z.shape, [0])
                         if masked:
@@ -479,42 +545,94 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                     z_max = z.max(axis=1)
                     if store:
                         store_tile(row, j, w, z, z_max)
-                    m, s = online_update(m, s, z, z_max)
-                    return m, s, zt, zs
+                    m, s, shift = online_rescale(m, s, z_max)
+                    return z, (m, s, zt, zs), shift
+
+                def epilogue(z, j, stats, masked: bool):
+                    z, stats, shift = head(z, j, stats, masked)
+                    if shift is None:
+                        return stats
+                    m, s, zt, zs = stats
+                    return m, s + exp_sum(z, shift), zt, zs
 
                 def fill(x):
-                    return plgpu.layout_cast(jnp.full((bn,), x, jnp.float32), ROW)
+                    return plgpu.layout_cast(jnp.full((rows,), x, jnp.float32), ROW)
 
-                carry = (fill(-jnp.inf), fill(0.0), fill(0.0), fill(0.0))
-                carry = lax.fori_loop(first, jnp.minimum(end, n_full), functools.partial(v_step, masked=False),
-                                      carry)
-                carry = lax.fori_loop(jnp.maximum(first, n_full), end, functools.partial(v_step, masked=True),
-                                      carry)
-                emit(row, slot, *carry)
+                stats = (fill(-jnp.inf), fill(0.0), fill(0.0), fill(0.0))
+                if cfg.overlap_epilogue:
+                    stats = overlapped_tiles(w, lt, first, end, stats, head, epilogue)
+                else:
+                    def v_step(j, stats, masked: bool):
+                        z, _ = logits_tile(lt + j - first, w)
+                        return epilogue(z, j, stats, masked)
+
+                    stats = lax.fori_loop(first, jnp.minimum(end, n_full), functools.partial(v_step, masked=False),
+                                          stats)
+                    stats = lax.fori_loop(jnp.maximum(first, n_full), end, functools.partial(v_step, masked=True),
+                                          stats)
+                emit(row, slot, *stats)
                 return lt + end - first
 
             segments(segment)
             if store:
                 plgpu.wait_smem_to_gmem(0)
 
+        def overlapped_tiles(w, lt, first, end, stats, head, epilogue):
+            """A segment's tiles with each epilogue run during the next tile's matmul (module docstring,
+            "Overlapped epilogue"): the head of tile ``j - 1`` during step 0 of tile ``j``, then its exps in
+            slices of ``EXP_SLICE`` columns, one slice per step. Only the segment's last tile can reach past V;
+            its epilogue follows the loop, masked or not."""
+            slices = [(a, min(a + EXP_SLICE, bv)) for a in range(0, bv, EXP_SLICE)]
+
+            def tile_step(j, carry):
+                z_prev, stats = carry
+
+                def start(_):
+                    return head(z_prev, j - 1, stats, False)
+
+                def exps(a, b):
+                    def fn(state):
+                        z, (m, s, zt, zs), shift = state
+                        if shift is not None:
+                            s = s + exp_sum(z[:, a:b], shift)
+                        return z, (m, s, zt, zs), shift
+                    return fn
+
+                z, (_, stats, _) = logits_tile(lt + j - first, w, [start] + [exps(a, b) for a, b in slices])
+                return z, stats
+
+            z_first, _ = logits_tile(lt, w)
+            z_last, stats = lax.fori_loop(first + 1, end, tile_step, (z_first, stats))
+
+            def last(masked: bool):
+                return lambda _, stats: epilogue(z_last, end - 1, stats, masked)
+
+            ragged = (end - 1 >= n_full).astype(jnp.int32)
+            stats = lax.fori_loop(0, 1 - ragged, last(False), stats)
+            return lax.fori_loop(0, ragged, last(True), stats)
+
         def store_tile(row, j, w, z, z_max):
             """The tile relative to its row maxima (input precision) and the maxima, through SMEM and TMA; the
             previous tile's copies must have finished reading this warpgroup's buffers first."""
+            r0, col0, ci = origin(w)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             shift = jnp.where(z_max == -jnp.inf, 0.0, z_max)
             z_smem.at[w][...] = (z - lax.broadcast_in_dim(shift, z.shape, [0])).astype(dtype)
             m_smem.at[w][...] = z_max
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(z_smem.at[w], z_ref.at[pl.ds(row * bn, bn), pl.ds(j * W + w * bv, bv)])
-            plgpu.copy_smem_to_gmem(m_smem.at[w], m_ref.at[j * cw + w, pl.ds(row * bn, bn)])
+            plgpu.copy_smem_to_gmem(z_smem.at[w], z_ref.at[pl.ds(row * bn + r0, rows), pl.ds(j * W + col0, bv)])
+            plgpu.copy_smem_to_gmem(m_smem.at[w], m_ref.at[j * nc + ci, pl.ds(row * bn + r0, rows)])
 
-        def write(row, slot, m, s, zt, zs):
+        def write(row, slot, w, m, s, zt, zs):
+            """One row block's (``wg_split="n"``: one warpgroup's rows') statistics into its output slot."""
+            r0, _, _ = origin(w)
+            buf = out_smem.at[w if split_n else 0]
             values = [final_stat(m, s)] + [zt] * need_target + [zs] * need_sum
             for i, x in enumerate(values):
-                out_smem.at[i][...] = x
+                buf.at[i][...] = x
             plgpu.commit_smem()
             for i, ref in enumerate(out_refs):
-                plgpu.copy_smem_to_gmem(out_smem.at[i], ref.at[slot, pl.ds(row * bn, bn)])
+                plgpu.copy_smem_to_gmem(buf.at[i], ref.at[slot, pl.ds(row * bn + r0, rows)])
             plgpu.wait_smem_to_gmem(0)
 
         def hand_over(row, slot, m, s, zt, zs):
@@ -530,11 +648,11 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                 m, s = merge_stats(m, s, m1, s1)
                 zt, zs = zt + zt1, zs + zs1
             plgpu.barrier_arrive(merge_free.at[0])
-            write(row, slot, m, s, zt, zs)
+            write(row, slot, 0, m, s, zt, zs)
 
-        def emit(row, slot, m, s, zt, zs):
-            if cw == 1:
-                write(row, slot, m, s, zt, zs)
+        def emit(w, row, slot, m, s, zt, zs):
+            if not merge:
+                write(row, slot, w, m, s, zt, zs)
                 return
 
             @pl.when(wg > 0)
@@ -547,7 +665,8 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
 
         @pl.when(wg < cw)
         def _compute_wg():
-            compute(wg if cw > 1 else 0, emit)
+            w = wg if cw > 1 else 0
+            compute(w, functools.partial(emit, w))
 
     run_scoped(body, scratch)
 
@@ -643,7 +762,7 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
     out_type = [out] * (1 + need_target + need_sum)
     if store:
         out_type += [jax.ShapeDtypeStruct((p.n, sch.tiles * cfg.tile_v), e.dtype),
-                     jax.ShapeDtypeStruct((sch.tiles * cfg.compute_wgs, p.n), jnp.float32)]
+                     jax.ShapeDtypeStruct((sch.tiles * cfg.c_copies, p.n), jnp.float32)]
     f = plgpu.kernel(
         kernel,
         out_type=tuple(out_type),

@@ -227,6 +227,13 @@ def test_mosaic_logits_chunk_on_gpu(layout, v, bias, cap):
         cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, ctas=ctas,
                                      cluster=cluster)
         _check_logits_chunk(256, 1008, v, layout=layout, has_bias=bias, softcap=cap, cfg=cfg, interpret=False)
+    # Row-split warpgroups (each stores its 64 rows of a 256-column tile), and the overlapped epilogue (each tile
+    # stored during the next tile's matmul), on 5 CTAs.
+    for cfg in (mf.MosaicForwardConfig(block_n=128, block_v=256, block_d=64, stages=3, compute_wgs=2, wg_split="n",
+                                       ctas=5),
+                mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, wg_split="n",
+                                       overlap_epilogue=True, ctas=5)):
+        _check_logits_chunk(256, 1008, v, layout=layout, has_bias=bias, softcap=cap, cfg=cfg, interpret=False)
 
 
 @pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
@@ -252,6 +259,36 @@ def test_mosaic_forward_on_gpu(layout, v, ctas, bias, cap, need_sum, block_d, cl
 
     cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=block_d, stages=3 if block_d == 64 else 2,
                                  compute_wgs=2, ctas=ctas, cluster=cluster, target_gather=gather)
+    args = dict(layout=layout, has_bias=bias, softcap=cap, need_sum=need_sum, cfg=cfg, interpret=False)
+    first = _run_and_check(1030, 1008, v, **args)
+    again = _run_and_check(1030, 1008, v, **args)
+    for a, b in zip(first, again):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+@pytest.mark.parametrize("layout,v", [("vd", 50264), ("dv", 50272)])
+@pytest.mark.parametrize("tiles,ctas,cluster,bias,cap,need_sum,gather", [
+    ("n256", None, 1, True, 30.0, True, False), ("n256", 7, 1, False, None, False, True),
+    ("ov", None, 1, True, 30.0, True, False), ("ov", 7, 1, False, 5.0, True, True),
+    ("ov", None, 2, True, None, False, True), ("ov", 7, 2, True, 30.0, True, False),
+    ("ov-async", 60, 1, False, None, True, True),
+])
+def test_mosaic_forward_row_split_on_gpu(layout, v, tiles, ctas, cluster, bias, cap, need_sum, gather):
+    """The compiled Mosaic GPU forward with row-split warpgroups (``wg_split="n"``: 64 rows each, of 256 columns
+    in one m64n256 wgmma, or of 128 columns with ``overlap_epilogue``, each tile's epilogue during the next
+    tile's matmul; with a wgmma kept in flight in "ov-async") against float64 at the ragged shapes of
+    :func:`test_mosaic_forward_on_gpu`, on one wave, 7 and 60 CTAs, with clusters of two CTAs (a phantom row
+    block on 7 CTAs), the target from the epilogue and from XLA; bit-identical repeats."""
+    from test_mosaic_forward import _run_and_check
+
+    from pallas_kernels import mosaic_forward as mf
+
+    base = dict(block_n=128, compute_wgs=2, wg_split="n", ctas=ctas, cluster=cluster, target_gather=gather)
+    cfg = {"n256": mf.MosaicForwardConfig(block_v=256, block_d=128, stages=2, **base),
+           "ov": mf.MosaicForwardConfig(block_v=128, block_d=128, stages=3, overlap_epilogue=True, **base),
+           "ov-async": mf.MosaicForwardConfig(block_v=128, block_d=64, stages=6, overlap_epilogue=True,
+                                              async_wgmma=True, **base)}[tiles]
     args = dict(layout=layout, has_bias=bias, softcap=cap, need_sum=need_sum, cfg=cfg, interpret=False)
     first = _run_and_check(1030, 1008, v, **args)
     again = _run_and_check(1030, 1008, v, **args)

@@ -108,10 +108,37 @@ def test_softcap_only_fp16():
     dataclasses.replace(CFG, cluster=2, ctas=7, compute_wgs=1),
     # The target logits from gathered classifier rows in XLA (the kernel takes no targets).
     dataclasses.replace(CFG, target_gather=True, ctas=2),
+    # Warpgroups splitting the rows of a 128 x 128 tile (64 each, one shared classifier tile, no merge).
+    dataclasses.replace(CFG, block_n=128, wg_split="n", ctas=2),
+    # Each tile's epilogue during the next tile's matmul (D = 96: 2 steps for 5 pieces, the last step runs 4):
+    # with row-split warpgroups on 3 CTAs (splits and tails); one warpgroup of 64 x 128; clusters of two CTAs with
+    # a wgmma kept in flight; the target from the epilogue and from XLA.
+    dataclasses.replace(CFG, block_n=128, wg_split="n", overlap_epilogue=True, ctas=3),
+    dataclasses.replace(CFG, compute_wgs=1, overlap_epilogue=True, ctas=2),
+    dataclasses.replace(CFG, block_n=128, wg_split="n", overlap_epilogue=True, cluster=2, ctas=4, async_wgmma=True,
+                        stages=4, target_gather=True),
 ], ids=["1wg", "bv64-s2", "ctas2", "ctas4-1wg", "bn128-bd32", "async", "async-s2-1wg", "cluster2", "cluster2-tails",
-        "target-gather"])
+        "target-gather", "split-n", "overlap-split-n", "overlap-1wg", "overlap-cluster2-async"])
 def test_configs(cfg):
     _run_and_check(140, 96, 328, has_bias=True, softcap=5.0, cfg=cfg)
+
+
+@pytest.mark.parametrize("layout,v", [("vd", 1992), ("dv", 2000)])
+def test_overlapped_epilogue_over_long_segments(layout, v):
+    """``overlap_epilogue`` with more pipeline steps per tile than epilogue pieces (D = 320 in slices of 32: the
+    head of the previous tile in step 0, its 4 exp slices in steps 1-4), segments of up to 16 tiles of 128
+    columns (2 CTAs: a whole row block each, then the third split in two), the last tile ragged, bias and
+    softcap; and without the exps (debug "row_max" keeps the max)."""
+    cfg = mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=32, stages=4, compute_wgs=2, wg_split="n",
+                                 overlap_epilogue=True, ctas=2)
+    _run_and_check(300, 320, v, layout=layout, has_bias=True, softcap=5.0, cfg=cfg)
+    p = Problem(n=300, d=320, v=v, layout=layout)
+    e, c, _, t = _inputs(300, 320, v, layout, jnp.bfloat16, False)
+    for debug in ("row_max", "matmul_only"):
+        m, _, _ = mf.lse_forward_mosaic(e, c, None, t, p=p, cfg=cfg, need_sum=False, interpret=True, debug=debug)
+        c64 = np.asarray(c.astype(jnp.float32), np.float64)
+        z = np.asarray(e.astype(jnp.float32), np.float64) @ (c64.T if layout == "vd" else c64)
+        np.testing.assert_allclose(np.asarray(m), z.max(axis=1), rtol=1e-5, atol=1e-5)
 
 
 def test_single_tile_everything_masked_in_second_warpgroup():
@@ -163,6 +190,16 @@ def test_config_validation():
                 dict(cluster=3), dict(cluster=2, ctas=1)):
         with pytest.raises(ValueError):
             mf.MosaicForwardConfig(**bad)
+    with pytest.raises(ValueError, match="wg_split"):
+        mf.MosaicForwardConfig(wg_split="d")
+    with pytest.raises(ValueError, match="64 \\* compute_wgs=2"):  # 32 rows per warpgroup
+        mf.MosaicForwardConfig(block_n=64, wg_split="n")
+    with pytest.raises(ValueError, match="at most 8192 entries"):  # two 128 x 128 float32 tiles per warpgroup
+        mf.MosaicForwardConfig(block_n=128, block_v=128, overlap_epilogue=True)
+    cfg = mf.MosaicForwardConfig(block_n=128, block_v=256, wg_split="n")
+    assert (cfg.tile_v, cfg.wg_rows, cfg.c_copies) == (256, 64, 1)
+    cfg = mf.MosaicForwardConfig(block_n=128, block_v=128)
+    assert (cfg.tile_v, cfg.wg_rows, cfg.c_copies) == (256, 128, 2)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA lowering
@@ -205,11 +242,24 @@ LOWER_CASES = [
      mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=2, cluster=2)),
     (8192, 4096, 128256, "vd", True, None, False,
      mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=2, compute_wgs=2, target_gather=True)),
+    # Row-split warpgroups (m64n256 wgmma), and the overlapped epilogue (two 64 x 128 tiles per warpgroup).
+    (8192, 4096, 128256, "vd", False, None, False,
+     mf.MosaicForwardConfig(block_n=128, block_v=256, block_d=128, stages=2, compute_wgs=2, wg_split="n",
+                            target_gather=True)),
+    (1030, 1008, 50272, "dv", True, 30.0, True,
+     mf.MosaicForwardConfig(block_n=128, block_v=256, block_d=64, stages=3, compute_wgs=2, wg_split="n")),
+    (8192, 2304, 256000, "vd", False, None, False,
+     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=128, stages=3, compute_wgs=2, wg_split="n",
+                            overlap_epilogue=True, target_gather=True)),
+    (1030, 1008, 50264, "vd", True, 30.0, True,
+     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, wg_split="n",
+                            overlap_epilogue=True, cluster=2, async_wgmma=True)),
 ]
 
 
 @pytest.mark.parametrize("case", LOWER_CASES,
-                         ids=lambda c: f"{c[3]}-{c[0]}x{c[1]}x{c[2]}-b{int(c[4])}-cl{c[7].cluster}")
+                         ids=lambda c: f"{c[3]}-{c[0]}x{c[1]}x{c[2]}-b{int(c[4])}-cl{c[7].cluster}-{c[7].wg_split}"
+                                       f"{'-ov' if c[7].overlap_epilogue else ''}")
 def test_lowers_for_h200(case):
     n, d, v, layout, has_bias, cap, need_sum, cfg = case
     p = Problem(n=n, d=d, v=v, layout=layout, softcap=cap, has_bias=has_bias)
@@ -365,9 +415,13 @@ def test_logits_chunk(layout, v):
     dataclasses.replace(CFG, compute_wgs=1, ctas=3),  # one row block in three splits
     dataclasses.replace(CFG, compute_wgs=1, block_v=64, stages=2),
     dataclasses.replace(CFG, async_wgmma=True, block_d=32, stages=3),
-], ids=["1wg-ctas3", "1wg-bv64-s2", "async-bd32"])
+    # Row-split warpgroups (each stores its own rows of a tile); with the overlapped epilogue each tile is stored
+    # during the next tile's matmul.
+    dataclasses.replace(CFG, block_n=128, block_v=256, wg_split="n", ctas=3),
+    dataclasses.replace(CFG, block_n=128, wg_split="n", overlap_epilogue=True, ctas=3),
+], ids=["1wg-ctas3", "1wg-bv64-s2", "async-bd32", "split-n", "overlap"])
 def test_logits_chunk_configs(cfg):
-    _check_logits_chunk(64, 96, 328, cfg=cfg, need_sum=False, dtype=jnp.float16)
+    _check_logits_chunk(cfg.block_n, 96, 328, cfg=cfg, need_sum=False, dtype=jnp.float16)
 
 
 def test_logits_chunk_needs_whole_row_blocks():
