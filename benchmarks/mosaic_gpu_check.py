@@ -85,11 +85,27 @@ MOSAIC_CFGS = {
                       overlap_epilogue=True, cluster=2, ctas=7),
     "ov-async-s4": M(block_n=128, block_v=128, block_d=64, stages=6, compute_wgs=2, wg_split="n",
                      overlap_epilogue=True, async_wgmma=True, target_gather=True),
+    # A wgmma kept in flight across pipeline steps (no tensor-core drain per step) needs a third stage: block_d
+    # 96 (64-byte swizzle) fits three 72 KB stages.
+    "n256-async-bd64-s4": M(block_n=128, block_v=256, block_d=64, stages=4, compute_wgs=2, wg_split="n",
+                            async_wgmma=True, target_gather=True),
+    "n256-async-bd96-s3": M(block_n=128, block_v=256, block_d=96, stages=3, compute_wgs=2, wg_split="n",
+                            async_wgmma=True, target_gather=True),
+    "n256-async-bd96-s3-cl2": M(block_n=128, block_v=256, block_d=96, stages=3, compute_wgs=2, wg_split="n",
+                                async_wgmma=True, cluster=2, target_gather=True),
+    "async-bd96-s3": M(block_n=128, block_v=128, block_d=96, stages=3, compute_wgs=2, async_wgmma=True,
+                       target_gather=True),
+    "ov-async-bd128-s3": M(block_n=128, block_v=128, block_d=128, stages=3, compute_wgs=2, wg_split="n",
+                           overlap_epilogue=True, async_wgmma=True, target_gather=True),
+    "ov-async-bd128-s3-cl2": M(block_n=128, block_v=128, block_d=128, stages=3, compute_wgs=2, wg_split="n",
+                               overlap_epilogue=True, async_wgmma=True, cluster=2, target_gather=True),
 }
 # Timed with a debug mode: (config, debug). "matmul_only" leaves out the epilogue but the row max (its cost).
 DEBUG_TIMINGS = {"default-matmul-only": ("default", "matmul_only"), "grid128-matmul-only": ("grid128", "matmul_only"),
                  "cl2-matmul-only": ("cl2", "matmul_only"), "n256-matmul-only": ("n256", "matmul_only"),
-                 "ov-matmul-only": ("ov", "matmul_only")}
+                 "ov-matmul-only": ("ov", "matmul_only"),
+                 "n256-async-bd96-s3-matmul-only": ("n256-async-bd96-s3", "matmul_only"),
+                 "ov-async-bd128-s3-matmul-only": ("ov-async-bd128-s3", "matmul_only")}
 TIMED_CFGS = ["default", "cl2", "bd64-s3", "default-matmul-only", "cl2-matmul-only"]
 CHECK_CFGS = ["n64-v128x2-s4", "n128-v128x1-s4", "ctas7", "default", "cl2", "cl2-ctas7", "tg"]
 CHECK_SHAPE = (1030, 1008, {"vd": 50264, "dv": 50272})

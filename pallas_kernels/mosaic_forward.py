@@ -6,7 +6,8 @@ over the vocabulary, never storing a logit. Same contract as :func:`pallas_kerne
 Grid and block layout
 ---------------------
 - A persistent grid of ``ctas`` CTAs (default: one per SM, a single wave). The work is the matrix of row blocks
-  (``block_n`` tokens) by CTA tiles (``W = compute_wgs * block_v`` vocabulary columns); each CTA runs a short
+  (``block_n`` tokens) by CTA tiles (``W = compute_wgs * block_v`` vocabulary columns, ``block_v`` with
+  ``wg_split="n"``: "Warpgroup split" below); each CTA runs a short
   list of *segments*, a row block and a contiguous range of its tiles, given by
   :mod:`pallas_kernels.mosaic_schedule` (whole row blocks in rounds, then the last row blocks split along the
   vocabulary, and the CTAs left over taking the tails of those splits, so every SM is busy to the end while the
@@ -17,7 +18,8 @@ Grid and block layout
   ``stages`` SMEM slots with TMA (one "loaded" barrier per slot and operand, one "consumed" barrier per slot that
   every compute warpgroup arrives on after its wgmma finished reading the slot), the bias slice of each tile into
   a double buffer, and the targets of each segment's row block into another. The ring runs on across segments.
-- Compute warpgroup ``w`` owns columns ``[w * block_v, (w + 1) * block_v)`` of every CTA tile: for each tile it
+- Compute warpgroup ``w`` owns columns ``[w * block_v, (w + 1) * block_v)`` of every CTA tile (by default; rows
+  with ``wg_split="n"``): for each tile it
   accumulates its ``(block_n, block_v)`` float32 logits tile over D with wgmma (e from SMEM, c from SMEM,
   transposed view for "vd"), then folds the tile into its running statistics in registers
   (:func:`online_update`, the flash-attention recurrence; the target logit is the column equal to the token's
@@ -41,6 +43,28 @@ warpgroups of *both* CTAs have read it: "consumed" is a cluster barrier (each co
 both CTAs). With an odd number of row blocks the last cluster's second CTA repeats the last row block's loads
 (it must take part in the multicast) and writes its statistics into the padding of the partial outputs, which
 the merge drops.
+
+Warpgroup split
+---------------
+By default (``wg_split="v"``) compute warpgroup ``w`` owns ``block_v`` columns ``w`` of the CTA tile and all
+``block_n`` rows: with 128 rows a warpgroup issues two m64 wgmma instructions per 16-deep slice, each reading
+its classifier slice from SMEM, and warpgroup 0 merges the statistics at the end of a segment. With
+``wg_split="n"`` warpgroup ``w`` owns rows ``[w * R, (w + 1) * R)``, ``R = block_n / compute_wgs``, of a
+``block_v``-wide tile: every warpgroup reads the one classifier tile of a ring slot (one TMA copy per step), with
+64 x 256 per warpgroup each slice is a single m64n256 instruction (a sixth less SMEM read per product than two
+m64n128), and each warpgroup writes its own rows' statistics (no merge).
+
+Overlapped epilogue
+-------------------
+The epilogue (online max and sum: an exp per logit on the MUFU units) otherwise runs while the tensor cores wait,
+since both warpgroups finish each tile's matmul together. With ``overlap_epilogue`` a warpgroup keeps the
+previous tile's logits in registers beside the accumulator (two ``R x block_v`` float32 tiles, so at most 64 x 128
+per warpgroup) and runs the previous tile's epilogue in pieces between issuing a pipeline step's wgmma and
+waiting for it: the *head* (bias, softcap, target, sum, mask, row max, rescale) during step 0, then the exps
+of ``EXP_SLICE``-column slices during steps 1, 2, ... (pieces left when the tile has fewer steps run in its
+last step). A segment's first tile has no predecessor and its last tile's epilogue follows the loop, so only
+that one can be the ragged tile past V (masked). The bias double buffer still suffices: a tile's bias slot is
+released during the next tile's step 0, before the producer needs it for the tile after.
 
 Target logit
 ------------

@@ -33,7 +33,7 @@ def logits_chunk_mosaic(
 ):
     """The contract of :func:`pallas_kernels.logits_chunk.logits_chunk` on the Mosaic GPU kernel: ``(z_rel, m,
     lse, target_logit, sum_logits)`` with ``z_rel`` (N, T * block_v) in e's dtype, each ``block_v``-column
-    tile stored relative to its row maxima ``m`` (N, T) float32, T = cdiv(V, tile_v) * compute_wgs; columns
+    tile stored relative to its row maxima ``m`` (N, T) float32, T = cdiv(V, tile_v) * c_copies; columns
     past V hold -inf. Needs N % block_n == 0 (the three-pass plan aligns its chunks). Every compute
     warpgroup writes each tile through SMEM with TMA while the next tile's operands stream in.
     """
