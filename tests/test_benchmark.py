@@ -320,3 +320,25 @@ def test_variant_table_makes_the_library_run_the_variant(tmp_path, monkeypatch):
     for bad in ("mosaic.cluster", "cluster=2", "nothing.cluster=2"):
         with pytest.raises(ValueError, match="FIELD.ATTR=VALUE"):
             tool.override(cce.DEFAULT, [bad])
+
+    # --best-of: the config of a mosaic_gpu_check run with the lowest time summed over its shapes; debug entries
+    # and configs missing a shape (or failing there) do not count.
+    from pallas_kernels.mosaic_forward import MosaicForwardConfig
+
+    fast = MosaicForwardConfig(block_n=128, block_v=256, block_d=96, stages=3, wg_split="n", async_wgmma=True)
+    configs = {"default": dataclasses.asdict(cce.DEFAULT.mosaic), "fast": dataclasses.asdict(fast),
+               "partial": dataclasses.asdict(MosaicForwardConfig(cluster=2))}
+    timing = [dict(shape=s, impl=f"mosaic {k}", ms=ms) for s, k, ms in (
+        ("gemma2", "default", 15.0), ("llama3", "default", 13.0), ("gemma2", "fast", 14.9), ("llama3", "fast", 12.9),
+        ("gemma2", "default-matmul-only", 9.0), ("llama3", "default-matmul-only", 9.0), ("gemma2", "partial", 1.0))]
+    timing.append(dict(shape="llama3", impl="mosaic partial", error="failed"))
+    run = tmp_path / "mosaic.json"
+    run.write_text(json.dumps({"configs": configs, "timing": timing}))
+    name, overrides = tool.best_of(str(run))
+    assert name == "fast"
+    best_table = tmp_path / "best.json"  # a new path: default_config caches each table file it has read
+    assert tool.main([str(best_table), "--best-of", str(run), "mosaic_chunk.stages=4"]) == 0
+    monkeypatch.setenv(cce.TUNING_FILE_ENV, str(best_table))
+    for d in (512, 4096):
+        got = cce.default_config(d, jnp.bfloat16)
+        assert got.mosaic == fast and got.mosaic_chunk.stages == 4
