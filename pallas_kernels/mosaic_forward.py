@@ -141,7 +141,8 @@ class MosaicForwardConfig:
       block_v: vocabulary columns per compute warpgroup and tile (a multiple of 64, at most 256: wgmma's N).
       block_d: hidden-size slice per pipeline step (64 for 16-bit types gives 128-byte rows, the widest swizzle).
       stages: SMEM ring depth of the TMA pipeline (max concurrent steps).
-      compute_wgs: compute warpgroups per CTA (1 or 2), each with its own block_v columns of the CTA tile.
+      compute_wgs: compute warpgroups per CTA (1, 2 or 3), each with its own block_v columns of the CTA tile (or
+        rows: ``wg_split``). With 3 each gets 160 registers per thread (:func:`register_split`).
       ctas: CTAs of the persistent grid (:mod:`pallas_kernels.mosaic_schedule`); None: one per SM of the GPU
         (132 without a GPU), a single wave.
       cluster: CTAs per cluster (1 or 2). With 2, the CTAs of a cluster take adjacent row blocks over the same
@@ -189,8 +190,8 @@ class MosaicForwardConfig:
             raise ValueError(f"block_d={self.block_d} must be a positive multiple of 16")
         if self.stages < 2:
             raise ValueError(f"stages={self.stages} must be at least 2")
-        if self.compute_wgs not in (1, 2):
-            raise ValueError(f"compute_wgs={self.compute_wgs} must be 1 or 2")
+        if self.compute_wgs not in (1, 2, 3):
+            raise ValueError(f"compute_wgs={self.compute_wgs} must be 1, 2 or 3")
         if self.cluster not in (1, 2):
             raise ValueError(f"cluster={self.cluster} must be 1 or 2")
         if self.ctas is not None and self.ctas < self.cluster:
@@ -472,7 +473,7 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
         @pl.when(wg == cw)
         def _memory_wg():
             if cw > 1:
-                plgpu.set_max_registers(40, action="decrease")
+                plgpu.set_max_registers(register_split(cw)[0], action="decrease")
             n_tiles = segments(load_segment)
             drain(n_tiles * kd - S, n_tiles * kd, consumed, S)
             if need_target:
@@ -529,7 +530,7 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
         def compute(w, emit):
             """Warpgroup ``w``'s statistics of every segment, handed to ``emit(row, slot, m, s, zt, zs)``."""
             if cw > 1:
-                plgpu.set_max_registers(232, action="increase")
+                plgpu.set_max_registers(register_split(cw)[1], action="increase")
             r0, col0, ci = origin(w)
             cols = plgpu.broadcasted_iota(jnp.int32, (rows, bv), 1, layout=plgpu.Layout.WGMMA)
 
@@ -707,6 +708,12 @@ def run_scoped(body, scratch: dict):
     pl.run_scoped(inner, **present, collective_axes="wg")
 
 
+def register_split(compute_wgs: int) -> tuple[int, int]:
+    """Registers per thread of the memory warpgroup and of each compute warpgroup (``setmaxnreg``; the SM's
+    65536 shared by ``(compute_wgs + 1) * 128`` threads, multiples of 8): the producer only issues copies."""
+    return {1: (40, 232), 2: (40, 232), 3: (24, 160)}[compute_wgs]
+
+
 # Threads of XLA's CPU pool the Mosaic GPU interpreter needs: the launch, and the two compute warpgroups and the
 # memory warpgroup of each CTA in a cluster of two (run together) can each block one while they wait on a barrier.
 INTERPRETER_THREADS = 8
@@ -720,17 +727,17 @@ def cpu_pool_threads() -> int:
         return os.cpu_count() or 1
 
 
-def interpret_params(interpret):
+def interpret_params(interpret, needed: int = INTERPRETER_THREADS):
     """``plgpu.kernel``'s ``interpret`` argument from ours: True (the interpreter's defaults), False / None
-    (compiled) or the interpreter's parameters as given. Warns when XLA's CPU pool is too small for the
-    interpreter, which can then deadlock (README, Development)."""
+    (compiled) or the interpreter's parameters as given. Warns when XLA's CPU pool has fewer than ``needed``
+    threads (at least :data:`INTERPRETER_THREADS`), as the interpreter can then deadlock (README, Development)."""
     if interpret is False or interpret is None:
         return None
-    threads = cpu_pool_threads()
-    if threads < INTERPRETER_THREADS:
+    threads, needed = cpu_pool_threads(), max(needed, INTERPRETER_THREADS)
+    if threads < needed:
         warnings.warn(
             f"the Mosaic GPU interpreter can deadlock with {threads} threads in XLA's CPU pool: set "
-            f"PJRT_NPROC={INTERPRETER_THREADS} (or more) in the environment before JAX starts", RuntimeWarning,
+            f"PJRT_NPROC={needed} (or more) in the environment before JAX starts", RuntimeWarning,
             stacklevel=3)
     return plgpu.InterpretGPUParams() if interpret is True else interpret
 
@@ -796,7 +803,7 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
         num_threads=cfg.compute_wgs + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=cfg.approx_math),
-        interpret=interpret_params(interpret),
+        interpret=interpret_params(interpret, 1 + cfg.cluster * (cfg.compute_wgs + 1)),
         kernel_name="cce_logits_chunk_mosaic" if store else "cce_lse_forward_mosaic",
     )
     outs = list(f(*args))

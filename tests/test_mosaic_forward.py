@@ -117,10 +117,14 @@ def test_softcap_only_fp16():
     dataclasses.replace(CFG, compute_wgs=1, overlap_epilogue=True, ctas=2),
     dataclasses.replace(CFG, block_n=128, wg_split="n", overlap_epilogue=True, cluster=2, ctas=4, async_wgmma=True,
                         stages=4, target_gather=True),
+    # Three compute warpgroups: 64 rows each of a 192-row block (N 240: a whole and a partial row block), or three column
+    # slices of a 192-column tile merged into warpgroup 0.
+    dataclasses.replace(CFG, block_n=192, compute_wgs=3, wg_split="n", ctas=2),
+    dataclasses.replace(CFG, block_v=64, compute_wgs=3, ctas=3),
 ], ids=["1wg", "bv64-s2", "ctas2", "ctas4-1wg", "bn128-bd32", "async", "async-s2-1wg", "cluster2", "cluster2-tails",
-        "target-gather", "split-n", "overlap-split-n", "overlap-1wg", "overlap-cluster2-async"])
+        "target-gather", "split-n", "overlap-split-n", "overlap-1wg", "overlap-cluster2-async", "3wg-split-n", "3wg"])
 def test_configs(cfg):
-    _run_and_check(140, 96, 328, has_bias=True, softcap=5.0, cfg=cfg)
+    _run_and_check(max(140, cfg.block_n + 48), 96, 328, has_bias=True, softcap=5.0, cfg=cfg)
 
 
 @pytest.mark.parametrize("layout,v", [("vd", 1992), ("dv", 2000)])
@@ -186,7 +190,7 @@ def test_unsupported_raise(kwargs, match):
 
 
 def test_config_validation():
-    for bad in (dict(block_n=96), dict(block_v=512), dict(stages=1), dict(compute_wgs=3), dict(ctas=0),
+    for bad in (dict(block_n=96), dict(block_v=512), dict(stages=1), dict(compute_wgs=4), dict(ctas=0),
                 dict(cluster=3), dict(cluster=2, ctas=1)):
         with pytest.raises(ValueError):
             mf.MosaicForwardConfig(**bad)
@@ -254,6 +258,12 @@ LOWER_CASES = [
     (1030, 1008, 50264, "vd", True, 30.0, True,
      mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, wg_split="n",
                             overlap_epilogue=True, cluster=2, async_wgmma=True)),
+    # Three compute warpgroups (160 registers each): 192 x 256 CTA tiles of row-split ones, or 128 x 384.
+    (8192, 4096, 128256, "vd", False, None, False,
+     mf.MosaicForwardConfig(block_n=192, block_v=256, block_d=64, stages=3, compute_wgs=3, wg_split="n",
+                            target_gather=True)),
+    (1030, 1008, 50264, "vd", True, 30.0, True,
+     mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=3, cluster=2)),
 ]
 
 
