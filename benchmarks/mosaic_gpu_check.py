@@ -97,12 +97,7 @@ MOSAIC_CFGS = {
                        target_gather=True),
     "ov-async-bd128-s3": M(block_n=128, block_v=128, block_d=128, stages=3, compute_wgs=2, wg_split="n",
                            overlap_epilogue=True, async_wgmma=True, target_gather=True),
-    # Three compute warpgroups (160 registers each): 192 x 256 CTA tiles (64 x 256 per warpgroup), or 128 x 384.
-    "n192x3": M(block_n=192, block_v=256, block_d=64, stages=3, compute_wgs=3, wg_split="n", target_gather=True),
-    "n192x3-bd96-s2": M(block_n=192, block_v=256, block_d=96, stages=2, compute_wgs=3, wg_split="n",
-                        target_gather=True),
-    "n192x3-cl2": M(block_n=192, block_v=256, block_d=64, stages=3, compute_wgs=3, wg_split="n", cluster=2,
-                    target_gather=True),
+    # Three compute warpgroups (160 registers each, compiled for 128): 128 x 384 CTA tiles.
     "v128x3": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=3, target_gather=True),
     "ov-async-bd128-s3-cl2": M(block_n=128, block_v=128, block_d=128, stages=3, compute_wgs=2, wg_split="n",
                                overlap_epilogue=True, async_wgmma=True, cluster=2, target_gather=True),
@@ -112,8 +107,7 @@ DEBUG_TIMINGS = {"default-matmul-only": ("default", "matmul_only"), "grid128-mat
                  "cl2-matmul-only": ("cl2", "matmul_only"), "n256-matmul-only": ("n256", "matmul_only"),
                  "ov-matmul-only": ("ov", "matmul_only"),
                  "n256-async-bd96-s3-matmul-only": ("n256-async-bd96-s3", "matmul_only"),
-                 "ov-async-bd128-s3-matmul-only": ("ov-async-bd128-s3", "matmul_only"),
-                 "n192x3-matmul-only": ("n192x3", "matmul_only")}
+                 "ov-async-bd128-s3-matmul-only": ("ov-async-bd128-s3", "matmul_only")}
 TIMED_CFGS = ["default", "cl2", "bd64-s3", "default-matmul-only", "cl2-matmul-only"]
 CHECK_CFGS = ["n64-v128x2-s4", "n128-v128x1-s4", "ctas7", "default", "cl2", "cl2-ctas7", "tg"]
 CHECK_SHAPE = (1030, 1008, {"vd": 50264, "dv": 50272})

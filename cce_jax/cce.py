@@ -81,7 +81,9 @@ class KernelConfig:
         (on an H200, 2026-12-03, six interleaved rounds on the persistent grid: 15.34 / 13.74 ms at the gemma2 /
         llama3 shape against 15.89 / 13.91 with block_d 64 and 3 stages), the target logit from XLA's gathered
         product (``target_gather``: 15.17 / 13.76 ms against 15.23 / 13.86 in the epilogue, interleaved rounds of
-        one lease; benchmarks/results.md). Clusters of two CTAs (``cluster=2``) are an autotune candidate.
+        one lease; benchmarks/results.md). Clusters of two CTAs (``cluster=2``) and row-split warpgroups
+        (``wg_split="n"``, 64 x 256 each) are autotune candidates (each within 1.5%); the overlapped epilogue
+        (``overlap_epilogue``, on 128 x 128 CTA tiles) was 8-14% slower.
       mosaic_chunk: tiles of the Mosaic GPU logits-chunk kernel of the three-pass path (its tile stores take
         shared memory, hence fewer pipeline stages).
       sparse_de_backend: the block-sparse dE product of the three-pass path (a chunk with few live tiles):

@@ -45,8 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import backward
-from pallas_kernels.mosaic_forward import (SMEM_BYTES, cdiv, interpret_params, run_scoped, smem_transforms,
-                                           widest_swizzle)
+from pallas_kernels.mosaic_common import interpret_params, run_scoped
+from pallas_kernels.mosaic_config import SMEM_BYTES, cdiv, smem_transforms, widest_swizzle
 
 LIST_ALIGN = 4  # int32 entries: a row of ``lists`` is a whole number of 16-byte TMA units
 

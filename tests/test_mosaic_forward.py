@@ -198,6 +198,8 @@ def test_config_validation():
         mf.MosaicForwardConfig(wg_split="d")
     with pytest.raises(ValueError, match="64 \\* compute_wgs=2"):  # 32 rows per warpgroup
         mf.MosaicForwardConfig(block_n=64, wg_split="n")
+    with pytest.raises(ValueError, match="compute_wgs=3 needs block_v <= 128"):  # ptxas: 128 registers a thread
+        mf.MosaicForwardConfig(block_n=192, block_v=256, compute_wgs=3, wg_split="n")
     with pytest.raises(ValueError, match="at most 8192 entries"):  # two 128 x 128 float32 tiles per warpgroup
         mf.MosaicForwardConfig(block_n=128, block_v=128, overlap_epilogue=True)
     cfg = mf.MosaicForwardConfig(block_n=128, block_v=256, wg_split="n")
@@ -258,9 +260,10 @@ LOWER_CASES = [
     (1030, 1008, 50264, "vd", True, 30.0, True,
      mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, wg_split="n",
                             overlap_epilogue=True, cluster=2, async_wgmma=True)),
-    # Three compute warpgroups (160 registers each): 192 x 256 CTA tiles of row-split ones, or 128 x 384.
+    # Three compute warpgroups (160 registers each, compiled for 128): 192 x 128 CTA tiles of row-split ones, or
+    # 128 x 384.
     (8192, 4096, 128256, "vd", False, None, False,
-     mf.MosaicForwardConfig(block_n=192, block_v=256, block_d=64, stages=3, compute_wgs=3, wg_split="n",
+     mf.MosaicForwardConfig(block_n=192, block_v=128, block_d=64, stages=3, compute_wgs=3, wg_split="n",
                             target_gather=True)),
     (1030, 1008, 50264, "vd", True, 30.0, True,
      mf.MosaicForwardConfig(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=3, cluster=2)),
