@@ -424,17 +424,25 @@ MOSAIC_BATCH, MOSAIC_D, MOSAIC_V = (3, 50), 48, 136  # D % 16, V % 8, N >= block
 # The forward with the gathered target logit (the default's choice) on one cluster of two CTAs: three row blocks
 # make two units, the second with a phantom row block.
 _MOSAIC_CLUSTER = dataclasses.replace(_MOSAIC_1WG, cluster=2, target_gather=True)
+# Row-split warpgroups with the overlapped epilogue: two row blocks of 128 (64 rows per warpgroup), 3 tiles of 64
+# columns (the last ragged), 3 steps of 16 for the 3 epilogue pieces of each previous tile.
+_MOSAIC_OVERLAP = MosaicForwardConfig(block_n=128, block_v=64, block_d=16, stages=3, compute_wgs=2, wg_split="n",
+                                      overlap_epilogue=True, ctas=2)
 
 
 @pytest.mark.parametrize("reduction,grad_path,forward", [("mean", "auto", _MOSAIC_1WG), ("none", "auto", _MOSAIC_1WG),
                                                          ("mean", "auto", _MOSAIC_CLUSTER),
-                                                         ("none", "auto", _MOSAIC_CLUSTER)],
-                         ids=["mean-lse", "none", "mean-lse-cluster-gather", "none-cluster-gather"])
+                                                         ("none", "auto", _MOSAIC_CLUSTER),
+                                                         ("mean", "auto", _MOSAIC_OVERLAP),
+                                                         ("none", "auto", _MOSAIC_OVERLAP)],
+                         ids=["mean-lse", "none", "mean-lse-cluster-gather", "none-cluster-gather",
+                              "mean-lse-overlap", "none-overlap"])
 def test_mosaic_kernels_per_token_cotangents(rng, reduction, grad_path, forward, three_pass_calls):
     """Random non-uniform per-token cotangents (on the lse, and on the loss for reduction "none") through the
     Mosaic GPU kernels: the three-pass path (mean, with z_loss) adds the exact recompute VJP to gradients formed
     from the Mosaic logits chunk; reduction "none" runs the recompute path on the Mosaic forward (also on a
-    cluster of two CTAs with the target logit gathered in XLA)."""
+    cluster of two CTAs with the target logit gathered in XLA, and with row-split warpgroups overlapping each
+    tile's epilogue with the next tile's matmul)."""
     inputs = _inputs(rng, jnp.bfloat16, shape=MOSAIC_BATCH, d=MOSAIC_D, v=MOSAIC_V, weights=True, bias=True,
                      logit_scale=2.0)
     options = dict(reduction=reduction, shift=1, softcap=3.0, z_loss=0.1 if reduction == "mean" else 0.0)
