@@ -101,18 +101,11 @@ MOSAIC_CFGS = {
     "v128x3": M(block_n=128, block_v=128, block_d=64, stages=3, compute_wgs=3, target_gather=True),
     "ov-async-bd128-s3-cl2": M(block_n=128, block_v=128, block_d=128, stages=3, compute_wgs=2, wg_split="n",
                                overlap_epilogue=True, async_wgmma=True, cluster=2, target_gather=True),
-    # Staggered halves: each warpgroup's two 64-row halves half a step apart, each half's epilogue during the
-    # other half's wgmma (MosaicForwardConfig.stagger).
-    "st": dataclasses.replace(KernelConfig().mosaic, stagger=True),
-    "st-cl2": dataclasses.replace(KernelConfig().mosaic, stagger=True, cluster=2),
-    "st-ctas7": dataclasses.replace(KernelConfig().mosaic, stagger=True, ctas=7, target_gather=False),
-    "st-cl2-ctas7": dataclasses.replace(KernelConfig().mosaic, stagger=True, cluster=2, ctas=7),
-    "st-bd64-s4": M(block_n=128, block_v=128, block_d=64, stages=4, compute_wgs=2, stagger=True, target_gather=True),
 }
 # Timed with a debug mode: (config, debug). "matmul_only" leaves out the epilogue but the row max (its cost).
 DEBUG_TIMINGS = {"default-matmul-only": ("default", "matmul_only"), "grid128-matmul-only": ("grid128", "matmul_only"),
                  "cl2-matmul-only": ("cl2", "matmul_only"), "n256-matmul-only": ("n256", "matmul_only"),
-                 "ov-matmul-only": ("ov", "matmul_only"), "st-matmul-only": ("st", "matmul_only"),
+                 "ov-matmul-only": ("ov", "matmul_only"),
                  "n256-async-bd96-s3-matmul-only": ("n256-async-bd96-s3", "matmul_only"),
                  "ov-async-bd128-s3-matmul-only": ("ov-async-bd128-s3", "matmul_only")}
 TIMED_CFGS = ["default", "cl2", "bd64-s3", "default-matmul-only", "cl2-matmul-only"]

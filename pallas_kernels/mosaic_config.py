@@ -55,12 +55,6 @@ class MosaicForwardConfig:
       overlap_epilogue: run each tile's epilogue during the next tile's matmul (module docstring, "Overlapped
         epilogue"): a warpgroup keeps the previous tile's logits in registers beside the accumulator, so its
         tile must be at most 8192 entries (e.g. 64 x 128 with ``wg_split="n"``).
-      stagger: split each compute warpgroup's tile into two halves of its rows, each with its own accumulator and
-        running statistics, and issue the bottom half's wgmma of every pipeline step half a step after the top
-        half's (module docstring, "Staggered halves"): the top half's epilogue runs while the bottom half's last
-        wgmma is in flight, and the bottom half's during the next tile's first top wgmma. Needs at least 128
-        rows per warpgroup (two 64-row wgmma tiles); excludes ``overlap_epilogue`` and ``async_wgmma`` (the
-        stagger already keeps one wgmma queued).
     """
 
     block_n: int = 64
@@ -75,7 +69,6 @@ class MosaicForwardConfig:
     target_gather: bool = False
     wg_split: str = "v"
     overlap_epilogue: bool = False
-    stagger: bool = False
 
     def __post_init__(self):
         if self.block_n % 64 or self.block_n <= 0:
@@ -107,15 +100,6 @@ class MosaicForwardConfig:
             raise ValueError(f"overlap_epilogue keeps two {self.wg_rows} x {self.block_v} float32 tiles per "
                              f"warpgroup in registers: its tile must be at most {OVERLAP_TILE} entries (e.g. "
                              'block_v=128 with 64 rows per warpgroup: wg_split="n", block_n=128)')
-
-        if self.stagger and (self.wg_rows % 128 or self.overlap_epilogue or self.async_wgmma):
-            raise ValueError(f"stagger needs a multiple of 128 rows per warpgroup (got {self.wg_rows}) and neither "
-                             f"overlap_epilogue nor async_wgmma (got {self.overlap_epilogue}, {self.async_wgmma})")
-
-    @property
-    def halves(self) -> int:
-        """Row parts of a warpgroup's tile with their own accumulators and statistics: 2 with ``stagger``."""
-        return 2 if self.stagger else 1
 
     @property
     def tile_v(self) -> int:

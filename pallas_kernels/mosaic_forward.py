@@ -116,7 +116,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax._src.state import primitives as state_primitives
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_schedule as schedule
@@ -136,7 +135,7 @@ EXP_SLICE = 32
 
 
 def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule, need_sum: bool, store: bool,
-            dtype, bias_dtype, debug: str | None = None, interpret: bool = False):
+            dtype, bias_dtype, debug: str | None = None):
     need_target = not cfg.target_gather
     refs = list(refs)
     e_ref, c_ref = refs.pop(0), refs.pop(0)
@@ -150,8 +149,6 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
 
     bn, bv, bd, S, cw, cl = cfg.block_n, cfg.block_v, cfg.block_d, cfg.stages, cfg.compute_wgs, cfg.cluster
     rows, nc, split_n = cfg.wg_rows, cfg.c_copies, cfg.wg_split == "n"
-    H = cfg.halves
-    half = rows // H  # rows of one part of a warpgroup's tile, with its own accumulator and statistics
     merge = cw > 1 and not split_n  # warpgroups of one row block hand their statistics to warpgroup 0
     n_blocks = cdiv(p.n, bn)
     W = cfg.tile_v
@@ -317,35 +314,30 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
             return pl.run_scoped(mm, plgpu.ACC((rows, bv), jnp.float32))
 
         def compute(w, emit):
-            """Warpgroup ``w``'s statistics of every segment, handed to ``emit(row, slot, stats)`` with one
-            ``(m, s, zt, zs)`` per row part (``cfg.halves``)."""
+            """Warpgroup ``w``'s statistics of every segment, handed to ``emit(row, slot, m, s, zt, zs)``."""
             if cw > 1:
                 plgpu.set_max_registers(register_split(cw)[1], action="increase")
             r0, col0, ci = origin(w)
-            cols = plgpu.broadcasted_iota(jnp.int32, (half, bv), 1, layout=plgpu.Layout.WGMMA)
+            cols = plgpu.broadcasted_iota(jnp.int32, (rows, bv), 1, layout=plgpu.Layout.WGMMA)
 
             def segment(q, row, first, end, slot, lt):
-                t_rel = [None] * H
+                t_rel = None
                 if need_target:
                     t_slot = lax.rem(q, 2)
                     plgpu.barrier_wait(t_bar.at[t_slot])
-                    t_rel = [plgpu.load(part(t_smem.at[t_slot], r0, h), layout=ROW) - col0  # tile 0's columns
-                             for h in range(H)]
+                    t_rel = plgpu.load(t_smem.at[t_slot, pl.ds(r0, rows)], layout=ROW) - col0  # tile 0's columns
                     plgpu.barrier_arrive(t_consumed.at[t_slot])
 
-                def head(z, j, stats, masked: bool, h: int = 0):
-                    """Everything of tile ``j``'s epilogue (row part ``h``) before the exps: bias, softcap, the
-                    target logit, the sum of logits, the column mask, the row max and the rescaled sum. Returns
-                    ``(z, stats, shift)``, ``shift`` None when no exps follow (debug "matmul_only")."""
+                def head(z, j, stats, masked: bool):
+                    """Everything of tile ``j``'s epilogue before the exps: bias, softcap, the target logit, the
+                    sum of logits, the column mask, the row max and the rescaled sum. Returns ``(z, stats,
+                    shift)``, ``shift`` None when no exps follow (debug "matmul_only")."""
                     m, s, zt, zs = stats
                     if p.has_bias:
-                        # The first part waits for the tile's bias slot and the last releases it.
                         b_slot = lax.rem(lt + j - first, 2)
-                        if h == 0:
-                            plgpu.barrier_wait(b_bar.at[b_slot])
+                        plgpu.barrier_wait(b_bar.at[b_slot])
                         b = plgpu.load(b_smem.at[b_slot, ci], layout=COL).astype(jnp.float32)
-                        if h == H - 1:
-                            plgpu.barrier_arrive(b_consumed.at[b_slot])
+                        plgpu.barrier_arrive(b_consumed.at[b_slot])
                         z = z + lax.broadcast_in_dim(b, z.shape, [1])
                     z = softcap(z, p.softcap)
                     valid = cols < (p.v - col0 - j * W) if masked else None
@@ -353,7 +345,7 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                         z = jnp.where(valid, z, -jnp.inf) if masked else z
                         return z, (jnp.maximum(m, z.max(axis=1)), s, zt, zs), None
                     if need_target:
-                        hit = cols == lax.broadcast_in_dim(t_rel[h] - j * W, z.shape, [0])
+                        hit = cols == lax.broadcast_in_dim(t_rel - j * W, z.shape, [0])
                         if masked:
                             hit = hit & valid
                         zt = zt + jnp.where(hit, z, 0.0).sum(axis=1)
@@ -363,35 +355,33 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
                         z = jnp.where(valid, z, -jnp.inf)
                     z_max = z.max(axis=1)
                     if store:
-                        store_tile(row, j, w, h, z, z_max)
+                        store_tile(row, j, w, z, z_max)
                     m, s, shift = online_rescale(m, s, z_max)
                     return z, (m, s, zt, zs), shift
 
-                def epilogue(z, j, stats, masked: bool, h: int = 0):
-                    z, stats, shift = head(z, j, stats, masked, h)
+                def epilogue(z, j, stats, masked: bool):
+                    z, stats, shift = head(z, j, stats, masked)
                     if shift is None:
                         return stats
                     m, s, zt, zs = stats
                     return m, s + exp_sum(z, shift), zt, zs
 
                 def fill(x):
-                    return plgpu.layout_cast(jnp.full((half,), x, jnp.float32), ROW)
+                    return plgpu.layout_cast(jnp.full((rows,), x, jnp.float32), ROW)
 
-                stats = [(fill(-jnp.inf), fill(0.0), fill(0.0), fill(0.0)) for _ in range(H)]
+                stats = (fill(-jnp.inf), fill(0.0), fill(0.0), fill(0.0))
                 if cfg.overlap_epilogue:
-                    stats = [overlapped_tiles(w, lt, first, end, stats[0], head, epilogue)]
-                elif cfg.stagger:
-                    stats = staggered_tiles(w, lt, first, end, stats, epilogue)
+                    stats = overlapped_tiles(w, lt, first, end, stats, head, epilogue)
                 else:
                     def v_step(j, stats, masked: bool):
                         z, _ = logits_tile(lt + j - first, w)
                         return epilogue(z, j, stats, masked)
 
                     stats = lax.fori_loop(first, jnp.minimum(end, n_full), functools.partial(v_step, masked=False),
-                                          stats[0])
-                    stats = [lax.fori_loop(jnp.maximum(first, n_full), end, functools.partial(v_step, masked=True),
-                                           stats)]
-                emit(row, slot, stats)
+                                          stats)
+                    stats = lax.fori_loop(jnp.maximum(first, n_full), end, functools.partial(v_step, masked=True),
+                                          stats)
+                emit(row, slot, *stats)
                 return lt + end - first
 
             segments(segment)
@@ -424,149 +414,65 @@ def _kernel(*refs, p: Problem, cfg: MosaicForwardConfig, sch: schedule.Schedule,
 
             z_first, _ = logits_tile(lt, w)
             z_last, stats = lax.fori_loop(first + 1, end, tile_step, (z_first, stats))
-            return last_epilogue(z_last, end, stats, epilogue)
 
-        def last_epilogue(z, end, stats, epilogue, h=0):
-            """The epilogue of a segment's last tile ``end - 1``, the only one that can reach past V."""
-            def run(masked: bool):
-                return lambda _, stats: epilogue(z, end - 1, stats, masked, h)
+            def last(masked: bool):
+                return lambda _, stats: epilogue(z_last, end - 1, stats, masked)
 
             ragged = (end - 1 >= n_full).astype(jnp.int32)
-            stats = lax.fori_loop(0, 1 - ragged, run(False), stats)
-            return lax.fori_loop(0, ragged, run(True), stats)
+            stats = lax.fori_loop(0, 1 - ragged, last(False), stats)
+            return lax.fori_loop(0, ragged, last(True), stats)
 
-        def staggered_tiles(w, lt, first, end, stats, epilogue):
-            """A segment's tiles with the warpgroup's two row halves a half step apart (module docstring,
-            "Staggered halves"). Each step issues the top half's wgmma, waits for the bottom half's of the step
-            before (which frees that step's slot), then issues the bottom half's, so one wgmma stays queued while
-            the warpgroup waits; a tile's top epilogue runs while its last bottom wgmma is in flight, its bottom
-            epilogue while the next tile's first top wgmma is."""
-            r0, _, ci = origin(w)
-            zeros = plgpu.layout_cast(jnp.zeros((half, bv), jnp.float32), plgpu.Layout.WGMMA)
-
-            def clear(acc):
-                if interpret:
-                    # The Mosaic GPU interpreter (jax 0.11.2) has no rule for accumulator stores; a plain ref
-                    # store writes the same buffer there.
-                    state_primitives.ref_set(acc, (), zeros)
-                else:
-                    acc[...] = zeros
-
-            def run(acc_top, acc_bot):
-                def issue(acc, h, slot):
-                    rhs = c_smem.at[slot, ci]
-                    if p.layout == "vd":
-                        rhs = rhs.transpose((1, 0))
-                    plgpu.wgmma(acc, part(e_smem.at[slot], r0, h), rhs)
-
-                def tile(j, carry, masked: bool):
-                    top, bot = carry
-                    base = (lt + j - first) * kd
-                    slot = lax.rem(base, S)
-                    plgpu.barrier_wait(loaded.at[slot])
-                    clear(acc_top)
-                    issue(acc_top, 0, slot)
-
-                    def previous_bottom(_, bot):  # every tile but the segment's first
-                        plgpu.wgmma_wait(1)
-                        plgpu.barrier_arrive(consumed.at[lax.rem(base - 1, S)])
-                        z = plgpu.wgmma_accumulator_load(acc_bot, wait_n=None)
-                        return epilogue(z, j - 1, bot, False, 1)
-
-                    bot = lax.fori_loop(0, (j > first).astype(jnp.int32), previous_bottom, bot)
-                    clear(acc_bot)
-                    issue(acc_bot, 1, slot)
-                    plgpu.wgmma_wait(1)
-
-                    def k_step(k, carry):
-                        slot = lax.rem(base + k, S)
-                        plgpu.barrier_wait(loaded.at[slot])
-                        issue(acc_top, 0, slot)
-                        plgpu.wgmma_wait(1)  # the bottom half of step k - 1 is done: release its slot
-                        plgpu.barrier_arrive(consumed.at[lax.rem(base + k - 1, S)])
-                        issue(acc_bot, 1, slot)
-                        plgpu.wgmma_wait(1)
-                        return carry
-
-                    lax.fori_loop(1, kd, k_step, None)
-                    z = plgpu.wgmma_accumulator_load(acc_top, wait_n=None)
-                    return epilogue(z, j, top, masked, 0), bot
-
-                carry = lax.fori_loop(first, jnp.minimum(end, n_full), functools.partial(tile, masked=False),
-                                      tuple(stats))
-                top, bot = lax.fori_loop(jnp.maximum(first, n_full), end, functools.partial(tile, masked=True),
-                                         carry)
-                plgpu.wgmma_wait(0)
-                plgpu.barrier_arrive(consumed.at[lax.rem((lt + end - first) * kd - 1, S)])
-                z = plgpu.wgmma_accumulator_load(acc_bot, wait_n=None)
-                return [top, last_epilogue(z, end, bot, epilogue, 1)]
-
-            acc = plgpu.ACC((half, bv), jnp.float32)
-            return pl.run_scoped(run, acc, acc)
-
-        def part(ref, r0, h):
-            """Rows ``r0 + [h * half, (h + 1) * half)`` of a ref (the whole ref for one part at row 0)."""
-            return ref if H == 1 and r0 == 0 and ref.shape[0] == half else ref.at[pl.ds(r0 + h * half, half)]
-
-        def store_tile(row, j, w, h, z, z_max):
-            """Part ``h`` of the tile relative to its row maxima (input precision) and the maxima, through SMEM
-            and TMA; the previous copies must have finished reading this warpgroup's buffers first."""
+        def store_tile(row, j, w, z, z_max):
+            """The tile relative to its row maxima (input precision) and the maxima, through SMEM and TMA; the
+            previous tile's copies must have finished reading this warpgroup's buffers first."""
             r0, col0, ci = origin(w)
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             shift = jnp.where(z_max == -jnp.inf, 0.0, z_max)
-            z_buf, m_buf = part(z_smem.at[w], 0, h), part(m_smem.at[w], 0, h)
-            z_buf[...] = (z - lax.broadcast_in_dim(shift, z.shape, [0])).astype(dtype)
-            m_buf[...] = z_max
+            z_smem.at[w][...] = (z - lax.broadcast_in_dim(shift, z.shape, [0])).astype(dtype)
+            m_smem.at[w][...] = z_max
             plgpu.commit_smem()
-            r = row * bn + r0 + h * half
-            plgpu.copy_smem_to_gmem(z_buf, z_ref.at[pl.ds(r, half), pl.ds(j * W + col0, bv)])
-            plgpu.copy_smem_to_gmem(m_buf, m_ref.at[j * nc + ci, pl.ds(r, half)])
+            plgpu.copy_smem_to_gmem(z_smem.at[w], z_ref.at[pl.ds(row * bn + r0, rows), pl.ds(j * W + col0, bv)])
+            plgpu.copy_smem_to_gmem(m_smem.at[w], m_ref.at[j * nc + ci, pl.ds(row * bn + r0, rows)])
 
-        def write(row, slot, w, stats):
+        def write(row, slot, w, m, s, zt, zs):
             """One row block's (``wg_split="n"``: one warpgroup's rows') statistics into its output slot."""
             r0, _, _ = origin(w)
             buf = out_smem.at[w if split_n else 0]
-            for h, (m, s, zt, zs) in enumerate(stats):
-                values = [final_stat(m, s)] + [zt] * need_target + [zs] * need_sum
-                for i, x in enumerate(values):
-                    part(buf.at[i], 0, h)[...] = x
+            values = [final_stat(m, s)] + [zt] * need_target + [zs] * need_sum
+            for i, x in enumerate(values):
+                buf.at[i][...] = x
             plgpu.commit_smem()
             for i, ref in enumerate(out_refs):
                 plgpu.copy_smem_to_gmem(buf.at[i], ref.at[slot, pl.ds(row * bn + r0, rows)])
             plgpu.wait_smem_to_gmem(0)
 
-        def hand_over(row, slot, stats):
-            for h, part_stats in enumerate(stats):
-                for i, x in enumerate(part_stats):
-                    part(stat_smem.at[wg, i], 0, h)[...] = x
+        def hand_over(row, slot, m, s, zt, zs):
+            for i, x in enumerate((m, s, zt, zs)):
+                stat_smem.at[wg, i][...] = x
             plgpu.barrier_arrive(merge_bar.at[0])
             plgpu.barrier_wait(merge_free.at[0])  # warpgroup 0 has read them: the next segment may overwrite
 
-        def merge_and_write(row, slot, stats):
+        def merge_and_write(row, slot, m, s, zt, zs):
             plgpu.barrier_wait(merge_bar.at[0])
-            merged = []
-            for h, (m, s, zt, zs) in enumerate(stats):
-                for other in range(1, cw):
-                    m1, s1, zt1, zs1 = (plgpu.load(part(stat_smem.at[other, i], 0, h), layout=ROW)
-                                        for i in range(4))
-                    m, s = merge_stats(m, s, m1, s1)
-                    zt, zs = zt + zt1, zs + zs1
-                merged.append((m, s, zt, zs))
+            for other in range(1, cw):
+                m1, s1, zt1, zs1 = (plgpu.load(stat_smem.at[other, i], layout=ROW) for i in range(4))
+                m, s = merge_stats(m, s, m1, s1)
+                zt, zs = zt + zt1, zs + zs1
             plgpu.barrier_arrive(merge_free.at[0])
-            write(row, slot, 0, merged)
+            write(row, slot, 0, m, s, zt, zs)
 
-        def emit(w, row, slot, stats):
+        def emit(w, row, slot, m, s, zt, zs):
             if not merge:
-                write(row, slot, w, stats)
+                write(row, slot, w, m, s, zt, zs)
                 return
 
             @pl.when(wg > 0)
             def _():
-                hand_over(row, slot, stats)
+                hand_over(row, slot, m, s, zt, zs)
 
             @pl.when(wg == 0)
             def _():
-                merge_and_write(row, slot, stats)
+                merge_and_write(row, slot, m, s, zt, zs)
 
         @pl.when(wg < cw)
         def _compute_wg():
@@ -618,8 +524,7 @@ def run_kernel(e, c, bias, targets, *, p: Problem, cfg: MosaicForwardConfig, nee
         e = jnp.pad(e, ((0, 8 - p.n % 8), (0, 0)))
     sch = make_schedule(p, cfg)
     kernel = functools.partial(_kernel, p=p, cfg=cfg, sch=sch, need_sum=need_sum, store=store, dtype=e.dtype,
-                               bias_dtype=None if bias is None else bias.dtype, debug=debug,
-                               interpret=bool(interpret))
+                               bias_dtype=None if bias is None else bias.dtype, debug=debug)
     need_target = not cfg.target_gather
     args = (e, c) + ((bias,) if p.has_bias else ()) + ((targets,) if need_target else ())
     # Whole row blocks only: a store into an (N,) array would be a bulk copy clamped to 4 * (N % block_n) bytes
