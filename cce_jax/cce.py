@@ -198,8 +198,15 @@ def config_from_dict(entry: dict) -> KernelConfig:
                            for k, v in entry.items()})
 
 
-@functools.lru_cache(maxsize=None)
 def _tuning_file(path: str) -> dict[tuple[str, str], KernelConfig]:
+    """The table at ``path``, read again whenever the file changes (an autotune run rewriting it in place)."""
+    st = os.stat(path)
+    return _read_tuning_file(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _read_tuning_file(path: str, mtime_ns: int, size: int) -> dict[tuple[str, str], KernelConfig]:
+    del mtime_ns, size  # cache key only
     with open(path) as f:
         entries = json.load(f)["entries"]
     return {(x["device_kind"], x["shape_class"]): config_from_dict(x["config"]) for x in entries}

@@ -336,7 +336,7 @@ def test_variant_table_makes_the_library_run_the_variant(tmp_path, monkeypatch):
     run.write_text(json.dumps({"configs": configs, "timing": timing}))
     name, overrides = tool.best_of(str(run))
     assert name == "fast"
-    best_table = tmp_path / "best.json"  # a new path: default_config caches each table file it has read
+    best_table = tmp_path / "best.json"
     assert tool.main([str(best_table), "--best-of", str(run), "mosaic_chunk.stages=4"]) == 0
     monkeypatch.setenv(cce.TUNING_FILE_ENV, str(best_table))
     for d in (512, 4096):

@@ -214,6 +214,10 @@ def test_config_table_file_is_read(tmp_path, monkeypatch):
     monkeypatch.setenv(cce_lib.TUNING_FILE_ENV, str(path))
     assert cce_lib.default_config(24, jnp.float32) == dataclasses.replace(SMALL, dense_fraction=0.5)
     assert cce_lib.default_config(4096, jnp.bfloat16) in set(cce_lib.TUNED.values()) | {cce_lib.DEFAULT}
+    # The same file rewritten in place (an autotune run saving its result) is read again.
+    entry["config"]["dense_fraction"] = 0.25
+    path.write_text(json.dumps({"entries": [entry], "note": "rewritten"}))
+    assert cce_lib.default_config(24, jnp.float32) == dataclasses.replace(SMALL, dense_fraction=0.25)
 
 
 def test_config_round_trips_through_its_dict_form():
