@@ -8,9 +8,16 @@ warms it up, times ``--iters`` calls by wall clock, then records ``--trace-calls
 sums the GPU kernels' durations per call by kernel name and by the XLA op that launched them. The GPU's busy
 time against the wall span shows how much of a call is idle (launch gaps, host waits).
 
+Per-call host cost: ``ms`` is the median of blocked calls (each waits for its result, as the benchmark's rows
+do); ``pipelined_ms`` is the wall time of ``--iters`` calls dispatched back to back, then waited for once, per
+call, in rounds interleaved with the blocked ones (so a drift of the GPU clock hits both alike). A call whose
+blocked time exceeds its pipelined time by more than the kernel launch latency pays a fixed cost per call
+(host work before its kernels start) that back-to-back dispatch hides.
+
     python3 benchmarks/kernel_breakdown.py --shape gemma2 --data lm --variant cce,baseline --json out.json
 
-Variants: ``baseline`` (dense XLA + optax), ``cce``, ``cce_exact``, ``xla``, ``budget=xK`` (``cce`` with K times
+Variants: ``baseline`` (dense XLA + optax), ``kernel`` (``--kind fw`` only: the library's forward kernel alone,
+``cce``'s default config, its per-token outputs summed), ``cce``, ``cce_exact``, ``xla``, ``budget=xK`` (``cce`` with K times
 the default memory budget), ``chunk=T`` (``cce`` with T-token chunks), ``sort`` (``cce`` with
 ``KernelConfig.sort_vocab``), ``de=B`` (``cce`` with ``KernelConfig.sparse_de_backend=B``: ``triton``,
 ``auto``, ``mosaic``).
@@ -30,16 +37,23 @@ import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from cce_jax import api, bench_data, bench_impls, benchmark, cce, three_pass
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from cce_jax import api, bench_data, bench_impls, benchmark, cce, three_pass  # noqa: E402
+from pallas_kernels import lse_forward, mosaic_forward  # noqa: E402
+from pallas_kernels.tiles import Problem  # noqa: E402
 
 
 def loss_fn(variant: str, d: int, grad_bytes: int):
     if variant == "baseline":
         return bench_impls.baseline_loss
+    if variant == "kernel":
+        return forward_kernel_loss
     kw: dict = {}
     if variant in ("cce", "cce_exact", "xla"):
         kw = dict(impl=variant)
@@ -55,6 +69,35 @@ def loss_fn(variant: str, d: int, grad_bytes: int):
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return lambda e, c, t: api.linear_cross_entropy(e, c, t, **kw)
+
+
+def forward_kernel_loss(e, c, t):
+    """The sum of the per-token lse of the forward kernel that ``cce`` dispatches to (Mosaic GPU on Hopper,
+    Triton elsewhere, in interpret mode without a GPU), with its default config."""
+    n, d = e.shape
+    cfg = cce.default_config(d, e.dtype)
+    p = Problem(n=n, d=d, v=c.shape[0])
+    interpret = jax.default_backend() != "gpu"
+    if cce.use_mosaic_forward(e, c, None, p, cfg, interpret):
+        lse, _, _ = mosaic_forward.lse_forward_mosaic(e, c, None, t, p=p, cfg=cfg.mosaic, need_sum=False)
+    else:
+        lse, _, _ = lse_forward.lse_forward(e, c, None, t, p=p, cfg=cfg.forward, need_sum=False,
+                                            interpret=interpret)
+    return lse.sum()
+
+
+def timings(fn, ops, iters: int, rounds: int = 3) -> dict:
+    """Median blocked and pipelined wall milliseconds per call (module docstring), rounds interleaved."""
+    blocked, pipelined = [], []
+    for _ in range(rounds):
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*ops))
+            blocked.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        jax.block_until_ready([fn(*ops) for _ in range(iters)])
+        pipelined.append((time.perf_counter() - t0) * 1e3 / iters)
+    return dict(ms=statistics.median(blocked), pipelined_ms=statistics.median(pipelined))
 
 
 def _short(name: str) -> str:
@@ -136,22 +179,20 @@ def main(argv=None):
             for variant in args.variant.split(","):
                 row = dict(shape=shape, data=recipe, variant=variant, kind=args.kind)
                 try:
+                    if variant == "kernel" and args.kind != "fw":
+                        raise ValueError("variant kernel times the forward alone: use --kind fw")
                     loss = loss_fn(variant, d, grad_bytes)
                     fn = jax.jit(loss if args.kind == "fw" else jax.value_and_grad(loss, argnums=(0, 1)))
                     fn = fn.lower(*ops).compile()
                     row["temp_mb"] = fn.memory_analysis().temp_size_in_bytes / 2**20
                     jax.block_until_ready(fn(*ops))
-                    times = []
-                    for _ in range(args.iters):
-                        t0 = time.perf_counter()
-                        jax.block_until_ready(fn(*ops))
-                        times.append((time.perf_counter() - t0) * 1e3)
-                    row["ms"] = statistics.median(times)
+                    row.update(timings(fn, ops, args.iters))
                     row.update(breakdown(fn, ops, args.trace_calls))
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
                 rows.append(row)
-                print(f"\n## {shape} {recipe} {variant}: {row.get('ms', float('nan')):.2f} ms wall, "
+                print(f"\n## {shape} {recipe} {variant}: {row.get('ms', float('nan')):.2f} ms wall "
+                      f"({row.get('pipelined_ms', float('nan')):.2f} pipelined), "
                       f"GPU busy {row.get('busy_ms', float('nan')):.2f} ms, span {row.get('span_ms', float('nan')):.2f}"
                       f" ms, kernels {row.get('kernel_ms', float('nan')):.2f} ms, temp {row.get('temp_mb', 0):.0f} MB "
                       f"{row.get('error', '')}", flush=True)

@@ -342,3 +342,35 @@ def test_variant_table_makes_the_library_run_the_variant(tmp_path, monkeypatch):
     for d in (512, 4096):
         got = cce.default_config(d, jnp.bfloat16)
         assert got.mosaic == fast and got.mosaic_chunk.stages == 4
+
+
+def test_kernel_breakdown_times_blocked_and_pipelined_calls(tmp_path):
+    """benchmarks/kernel_breakdown.py: the ``kernel`` variant is the sum of the forward kernel's lse (against
+    float64 NumPy at an unaligned shape), and every row carries blocked and pipelined wall times per call (on a
+    CPU the trace has no GPU kernels, which the row reports as its error)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kernel_breakdown.py"
+    spec = importlib.util.spec_from_file_location("cce_kernel_breakdown", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+
+    rng = np.random.default_rng(3)
+    e = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
+    c = jnp.asarray(rng.standard_normal((V, D)) / np.sqrt(D), jnp.bfloat16)
+    t = jnp.asarray(rng.integers(0, V, N), jnp.int32)
+    z, _ = _softmax64(e, c)  # rows shifted by their max
+    want = (_f64(e) @ _f64(c).T).max(axis=1) + np.log(np.exp(z).sum(axis=1))
+    np.testing.assert_allclose(float(tool.forward_kernel_loss(e, c, t)), want.sum(), rtol=1e-5)
+
+    out = tmp_path / "breakdown.json"
+    assert tool.main(["--shape", "small", "--data", "flat", "--variant", "baseline,kernel", "--kind", "fw",
+                      "--iters", "2", "--trace-calls", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["baseline", "kernel"]
+    for r in rows:
+        assert r["ms"] > 0 and r["pipelined_ms"] > 0, r
+    assert tool.main(["--shape", "small", "--data", "flat", "--variant", "kernel", "--kind", "fw-bw",
+                      "--json", str(out)]) == 0
+    assert "use --kind fw" in json.loads(out.read_text())["rows"][0]["error"]
