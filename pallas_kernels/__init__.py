@@ -6,7 +6,8 @@ arrays and static configs.
   block-sparse dE / dC products that visit only live tiles.
 - :mod:`pallas_kernels.logits_chunk` and :mod:`pallas_kernels.chunk_grad`: the three-pass path's logits of a token
   chunk and the logit gradient formed in place over them.
-- On Pallas' Mosaic GPU backend (Hopper): :mod:`pallas_kernels.mosaic_forward` (the forward),
+- On Pallas' Mosaic GPU backend (Hopper): :mod:`pallas_kernels.mosaic_forward` (the forward, whose kernel body is
+  :mod:`pallas_kernels.mosaic_kernel`),
   :mod:`pallas_kernels.mosaic_logits_chunk` (the three-pass logits chunk) and
   :mod:`pallas_kernels.mosaic_sparse_de` (the three-pass block-sparse dE product).
 - :mod:`pallas_kernels.tiles`: the tile math both share (masked loads, the logits tile, softcap).

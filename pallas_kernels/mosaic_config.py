@@ -1,4 +1,4 @@
-"""Tiling of the Mosaic GPU forward (:mod:`pallas_kernels.mosaic_forward`) and the rules a problem must meet.
+"""Tiling of the Mosaic GPU forward (:mod:`pallas_kernels.mosaic_kernel`) and the rules a problem must meet.
 
 :class:`MosaicForwardConfig` says how a CTA tile is cut (rows, columns, hidden-size slices, pipeline stages,
 warpgroups, clusters) and which epilogue variants run; :func:`check_supported` / :func:`supports` apply the
@@ -22,7 +22,8 @@ OVERLAP_TILE = 64 * 128
 
 @dataclasses.dataclass(frozen=True)
 class MosaicForwardConfig:
-    """Tiling of :func:`pallas_kernels.mosaic_forward.lse_forward_mosaic`.
+    """Tiling of :func:`pallas_kernels.mosaic_forward.lse_forward_mosaic` ("kernel docstring": the module docstring
+    of :mod:`pallas_kernels.mosaic_kernel`).
 
     Attributes:
       block_n: tokens per CTA (a multiple of 64: wgmma's M).
@@ -36,11 +37,11 @@ class MosaicForwardConfig:
         (132 without a GPU), a single wave.
       cluster: CTAs per cluster (1 or 2). With 2, the CTAs of a cluster take adjacent row blocks over the same
         vocabulary tiles, and each classifier tile is read from L2 once per cluster, half by each CTA and
-        multicast into both (module docstring, "Clusters"); ``ctas`` is then rounded down to a multiple of 2.
+        multicast into both (kernel docstring, "Clusters"); ``ctas`` is then rounded down to a multiple of 2.
       approx_math: approximate exp/log/tanh (MUFU); exp2/log stay accurate to ~1e-6 relative, tanh to ~1e-3.
       target_gather: take the target logit from a gathered product in XLA (``e[i] . c[t[i]]``, N x D work and
         N x D of gathered classifier rows) instead of the epilogue's column compare, which costs three of the
-        epilogue's per-logit instructions (module docstring, "Target logit").
+        epilogue's per-logit instructions (kernel docstring, "Target logit").
       async_wgmma: keep one wgmma in flight while the next is issued (each slot is released one step later, so
         the ring holds one fewer step in flight: give it a stage more). Off by default: with two compute
         warpgroups the other one already keeps the tensor cores busy, and on an H200 it was 3-10% slower
@@ -51,8 +52,8 @@ class MosaicForwardConfig:
         (a multiple of 64) of a ``block_v``-wide tile, all warpgroups read the same classifier tile, and each
         writes its own rows (no merge). With 64 rows by 256 columns per warpgroup each wgmma is one m64n256
         instruction, which reads the classifier slice from shared memory once per warpgroup instead of once per
-        64 rows (module docstring, "Warpgroup split").
-      overlap_epilogue: run each tile's epilogue during the next tile's matmul (module docstring, "Overlapped
+        64 rows (kernel docstring, "Warpgroup split").
+      overlap_epilogue: run each tile's epilogue during the next tile's matmul (kernel docstring, "Overlapped
         epilogue"): a warpgroup keeps the previous tile's logits in registers beside the accumulator, so its
         tile must be at most 8192 entries (e.g. 64 x 128 with ``wg_split="n"``).
     """

@@ -1,9 +1,9 @@
 """The three-pass path's logits chunk on Pallas' Mosaic GPU backend (Hopper, sm_90).
 
-The kernel is :mod:`pallas_kernels.mosaic_forward`'s (same grid, block layout, pipeline and shape rules), run
-with its tile stores on: every compute warpgroup also writes each ``(block_n, block_v)`` logits tile relative to
-its row maxima, in the input's precision, through an SMEM buffer and a TMA copy that overlaps the next tile's
-matmul, and the maxima through a second one (as a (T, N) array: one contiguous row per tile, transposed by
+The kernel is the forward's (:mod:`pallas_kernels.mosaic_kernel`: same grid, block layout, pipeline and shape
+rules), run with its tile stores on: every compute warpgroup also writes each ``(block_n, block_v)`` logits tile
+relative to its row maxima, in the input's precision, through an SMEM buffer and a TMA copy that overlaps the next
+tile's matmul, and the maxima through a second one (as a (T, N) array: one contiguous row per tile, transposed by
 XLA). Before it overwrites its buffers a warpgroup waits for its previous copies to have read them. The
 persistent grid's schedule fills one wave however few row blocks a chunk has. The contract is
 :func:`pallas_kernels.logits_chunk.logits_chunk`'s, so the three-pass path uses either kernel.

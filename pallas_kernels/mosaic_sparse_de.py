@@ -30,7 +30,7 @@ not by the tensor cores.
 
 Shape rules (:func:`check_supported`; the caller uses the Triton kernel otherwise): bf16/fp16 G and c of one
 dtype; R a multiple of ``block_n``; W a multiple of ``tile_v`` and ``tile_v`` of ``block_k``; the TMA rules of
-:mod:`pallas_kernels.mosaic_forward` for c (D % 16 == 0, and V % 8 == 0 for "vd" / V % 16 == 0 for "dv").
+:mod:`pallas_kernels.mosaic_kernel` for c (D % 16 == 0, and V % 8 == 0 for "vd" / V % 16 == 0 for "dv").
 """
 
 from __future__ import annotations
