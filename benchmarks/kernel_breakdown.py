@@ -45,8 +45,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from cce_jax import api, bench_data, bench_impls, benchmark, cce, three_pass  # noqa: E402
-from pallas_kernels import lse_forward, mosaic_forward  # noqa: E402
-from pallas_kernels.tiles import Problem  # noqa: E402
+from cce_jax.stats import LogitSpec  # noqa: E402
 
 
 def loss_fn(variant: str, d: int, grad_bytes: int):
@@ -72,18 +71,11 @@ def loss_fn(variant: str, d: int, grad_bytes: int):
 
 
 def forward_kernel_loss(e, c, t):
-    """The sum of the per-token lse of the forward kernel that ``cce`` dispatches to (Mosaic GPU on Hopper,
-    Triton elsewhere, in interpret mode without a GPU), with its default config."""
-    n, d = e.shape
-    cfg = cce.default_config(d, e.dtype)
-    p = Problem(n=n, d=d, v=c.shape[0])
+    """The sum of the per-token lse of the forward kernel that ``cce`` dispatches to (``cce._forward``: Mosaic
+    GPU on Hopper, Triton elsewhere, in interpret mode without a GPU), with its default config."""
     interpret = jax.default_backend() != "gpu"
-    if cce.use_mosaic_forward(e, c, None, p, cfg, interpret):
-        lse, _, _ = mosaic_forward.lse_forward_mosaic(e, c, None, t, p=p, cfg=cfg.mosaic, need_sum=False)
-    else:
-        lse, _, _ = lse_forward.lse_forward(e, c, None, t, p=p, cfg=cfg.forward, need_sum=False,
-                                            interpret=interpret)
-    return lse.sum()
+    config = cce.default_config(e.shape[1], e.dtype)
+    return cce._forward(e, c, None, t, LogitSpec(), config, interpret).lse.sum()  # noqa: SLF001
 
 
 def timings(fn, ops, iters: int, rounds: int = 3) -> dict:
