@@ -22,14 +22,13 @@ Grid and block layout
   every compute warpgroup arrives on after its wgmma finished reading the slot), the bias slice of each tile into
   a double buffer, and the targets of each segment's row block into another. The ring runs on across segments.
 - Compute warpgroup ``w`` owns columns ``[w * block_v, (w + 1) * block_v)`` of every CTA tile (by default; rows
-  with ``wg_split="n"``): for each tile it
-  accumulates its ``(block_n, block_v)`` float32 logits tile over D with wgmma (e from SMEM, c from SMEM,
-  transposed view for "vd"), then folds the tile into its running statistics in registers
-  (:func:`online_update`, the flash-attention recurrence; the target logit is the column equal to the token's
-  target; the sum of logits when ``need_sum``). Only the last tile (the one reaching past V) pays for the column
-  mask.
+  with ``wg_split="n"``): for each tile it accumulates its ``(block_n, block_v)`` float32 logits tile over D with
+  wgmma (e from SMEM, c from SMEM, transposed view for "vd"), then folds the tile into its running statistics in
+  registers (:mod:`pallas_kernels.online_softmax`, the flash-attention recurrence; the target logit is the
+  column equal to the token's target; the sum of logits when ``need_sum``). Only the last tile (the one reaching
+  past V) pays for the column mask.
 - At the end of a segment warpgroups ``1..compute_wgs-1`` hand their statistics to warpgroup 0 through SMEM
-  (:func:`merge_stats`), which writes one float32 per token and output through SMEM and a bulk copy into the
+  (``merge_stats``), which writes one float32 per token and output through SMEM and a bulk copy into the
   segment's slot of ``(slots, N_pad)`` partial outputs, ``N_pad = round_up(N, block_n)`` (never a partial store:
   see "Output stores" below). XLA merges the slots (:func:`pallas_kernels.mosaic_schedule.merge`):
   ``4 * slots * N_pad`` bytes per output (lse, target logit, and the sum of logits only with ``need_sum``); 4
@@ -73,8 +72,9 @@ Target logit
 ------------
 By default each compute warpgroup picks the target logit out of every tile it computes (the column equal to the
 token's target, a compare, a select and an add per logit). With ``target_gather`` the kernel skips it (and the
-targets' loads) and :func:`gathered_target_logits` computes it in XLA from ``N`` gathered classifier rows, the
-same float32-accumulated product of the same half-precision operands, plus bias and softcap.
+targets' loads) and :func:`pallas_kernels.mosaic_forward.gathered_target_logits` computes it in XLA from ``N``
+gathered classifier rows, the same float32-accumulated product of the same half-precision operands, plus bias
+and softcap.
 
 Output stores
 -------------
@@ -103,8 +103,9 @@ target and the sum of logits (the 1-D bias copy may leave stale SMEM past V, whi
 Precision: bf16 and fp16 inputs only (products accumulate in float32 in wgmma). float32 inputs are rejected
 (wgmma would run them as TF32): the dispatcher keeps the Triton kernel (IEEE products) for float32.
 
-Shape rules (checked by :func:`check_supported` / :func:`supports`; the dispatcher uses Triton otherwise). Mosaic
-GPU describes a tiled TMA copy over the whole array, tiled like the swizzled SMEM buffer wgmma reads, so:
+Shape rules (checked by ``check_supported`` / ``supports`` of :mod:`pallas_kernels.mosaic_config`; the dispatcher
+uses Triton otherwise). Mosaic GPU describes a tiled TMA copy over the whole array, tiled like the swizzled SMEM
+buffer wgmma reads, so:
 - the minor dimension of each operand must be a multiple of the swizzle width: D % 16 == 0 (16-bit types;
   D % 64 == 0 gets the 128-byte swizzle, D % 32 the 64-byte one, else 32-byte), and for "dv" also V % 16 == 0;
 - the major dimension must be a multiple of 8 rows: V % 8 == 0 for "vd" (50257 is not: pad the classifier once,
